@@ -1,0 +1,32 @@
+"""ADSC: attention-driven self-compression of vision tokens inside a decoder-only LLM.
+
+The method as small pure pieces (``schedule``, ``select``), the pruned decoder loop
+(``decoder``), cache accounting (``cache``), analytic cost (``profile``) and the patch for
+models we did not write (``patch``). Nothing here imports ``llava``.
+"""
+
+from .decoder import AdscPlan, PrunedDecoderOutput, PruningTrace, image_spans, pruned_decoder_forward
+from .schedule import (
+    ScheduleError,
+    VisionSchedule,
+    default_prune_layers,
+    kept_tokens,
+    solve_drop_ratio,
+    vision_schedule,
+)
+from .select import keep_sets
+
+__all__ = [
+    "AdscPlan",
+    "PrunedDecoderOutput",
+    "PruningTrace",
+    "ScheduleError",
+    "VisionSchedule",
+    "default_prune_layers",
+    "image_spans",
+    "keep_sets",
+    "kept_tokens",
+    "pruned_decoder_forward",
+    "solve_drop_ratio",
+    "vision_schedule",
+]

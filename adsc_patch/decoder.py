@@ -1,0 +1,398 @@
+"""The pruned decoder loop: a Llama-style decoder that drops vision tokens between layers.
+
+``pruned_decoder_forward(decoder, plan, ...)`` replaces ``LlamaModel.forward`` for any
+decoder with ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` and ``config`` (Llama,
+Vicuna, Mistral-style models in transformers 5). It runs the layers in *stages*: stage 0 is
+layers ``[0, p1)``, stage ``s`` is ``[p_s, p_{s+1})``; before each stage the vision tokens
+not kept by the schedule are removed from the hidden states, so later layers compute on,
+and cache, fewer tokens.
+
+Token layout inside a stage (``B`` rows, ``T_s`` slots):
+
+* surviving tokens keep their relative order and their ORIGINAL position ids (RoPE sees
+  the positions of the full prompt, so decode steps continue from the full length);
+* after a prune layer only real kept tokens remain (input padding is dropped too); rows
+  that keep fewer tokens than the longest row are left-padded with masked slots (hidden
+  state zero), so every row ends at the last slot and generated tokens append
+  contiguously;
+* each stage gets its own 2-D padding mask and its own rotary embeddings; the mask object
+  is built by transformers' ``create_causal_mask`` for the configured attention backend
+  (eager, sdpa, flash_attention_*), sized by that stage's first cache layer.
+
+With a cache, the per-stage slot masks are stored on the cache object
+(``ADSC_STATE_ATTR``) after prefill; decode steps extend them with the generation mask.
+Beams and returned sequences are expanded before prefill and reordered only within a
+prompt's group, so the stored masks never need reordering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .schedule import ScheduleError, VisionSchedule, vision_schedule
+from .select import SELECTIONS, keep_sets
+
+__all__ = [
+    "AdscPlan",
+    "PrunedDecoderOutput",
+    "PruningTrace",
+    "PrefillState",
+    "ADSC_STATE_ATTR",
+    "image_spans",
+    "pruned_decoder_forward",
+]
+
+ADSC_STATE_ATTR = "_adsc_prefill_state"
+
+
+@dataclass(frozen=True)
+class AdscPlan:
+    """What to prune: the config hook, independent of any model class.
+
+    Attributes:
+        prune_layers: 0-based decoder layers at whose input vision tokens are dropped.
+        drop_ratio: fraction ``r`` in [0, 1) dropped at every prune layer.
+        selection: ``"uniform_2d"`` (spatial lattice) or ``"uniform_1d"`` (sequence stride).
+        tokens_per_image: vision tokens produced per image; consecutive vision tokens are
+            split into images of this size. ``None``: every run of vision tokens is one image.
+        grid: ``(height, width)`` patch grid of one image; ``None``: square if possible.
+    """
+
+    prune_layers: tuple[int, ...] = ()
+    drop_ratio: float = 0.0
+    selection: str = "uniform_2d"
+    tokens_per_image: int | None = None
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ScheduleError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
+        object.__setattr__(self, "prune_layers", tuple(self.prune_layers))
+        if self.grid is not None:
+            object.__setattr__(self, "grid", tuple(self.grid))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prune_layers) and self.drop_ratio > 0
+
+    def schedule(self, num_layers: int, num_vision_tokens: int) -> VisionSchedule:
+        return vision_schedule(num_layers, num_vision_tokens, self.prune_layers, self.drop_ratio)
+
+
+@dataclass
+class PruningTrace:
+    """What the last pruned prefill did, for profiling, tests and the demo.
+
+    Attributes:
+        prune_layers: the prune layers of the plan.
+        kept_vision_positions: ``[stage][row]`` LongTensor of the positions (in the prefill
+            input sequence) of the vision tokens entering stage ``stage``; stage 0 holds all
+            vision tokens, stage ``s`` those kept at ``prune_layers[s-1]``.
+        tokens_per_layer: ``(batch, num_layers)`` real (unmasked) tokens each layer processed.
+        padded_length_per_layer: slots each layer ran on (the tensor length).
+        token_positions: ``(batch, T_last)`` input position of every slot after the last
+            stage, ``-1`` for padding slots.
+    """
+
+    prune_layers: tuple[int, ...]
+    kept_vision_positions: list[list[torch.Tensor]]
+    tokens_per_layer: torch.Tensor
+    padded_length_per_layer: list[int]
+    token_positions: torch.Tensor
+
+    def kept_at(self, prune_layer: int) -> list[torch.Tensor]:
+        """Per row, positions of the vision tokens that enter ``prune_layer``."""
+        return self.kept_vision_positions[self.prune_layers.index(prune_layer) + 1]
+
+
+@dataclass
+class PrefillState:
+    """Per-stage layout of a pruned prefill, kept on the cache for decode steps."""
+
+    prompt_length: int
+    stage_first_layers: tuple[int, ...]
+    stage_masks: list[torch.Tensor] = field(default_factory=list)  # (B, T_s) bool per stage
+
+    def stage_lengths(self) -> list[int]:
+        return [m.shape[1] for m in self.stage_masks]
+
+
+@dataclass
+class PrunedDecoderOutput(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus where each output slot came from.
+
+    ``token_positions``: ``(batch, T_out)`` index into the input sequence of every slot of
+    ``last_hidden_state``, ``-1`` for padding slots; ``None`` when nothing was dropped (the
+    output is aligned with the input).
+    """
+
+    token_positions: torch.Tensor | None = None
+
+
+def image_spans(vision_mask: torch.Tensor, tokens_per_image: int | None) -> list[list[tuple[int, int]]]:
+    """``[(start, length), ...]`` of every image in every row of a ``(B, T)`` bool mask."""
+    spans: list[list[tuple[int, int]]] = []
+    mask = vision_mask.to("cpu", torch.int8)
+    padded = torch.nn.functional.pad(mask, (1, 1))
+    edges = padded[:, 1:] - padded[:, :-1]
+    for row in range(mask.shape[0]):
+        starts = torch.nonzero(edges[row] == 1).flatten().tolist()
+        ends = torch.nonzero(edges[row] == -1).flatten().tolist()
+        row_spans = []
+        for start, end in zip(starts, ends):
+            length = end - start
+            if tokens_per_image is None:
+                row_spans.append((start, length))
+                continue
+            if length % tokens_per_image:
+                raise ValueError(
+                    f"row {row}: a run of {length} vision tokens at position {start} is not a "
+                    f"multiple of the {tokens_per_image} tokens of one image"
+                )
+            row_spans.extend((s, tokens_per_image) for s in range(start, end, tokens_per_image))
+        spans.append(row_spans)
+    return spans
+
+
+@lru_cache(maxsize=256)
+def _stage_keep_table(plan: AdscPlan, num_layers: int, num_tokens: int) -> torch.Tensor:
+    """``(num_prune_layers, N)`` bool: which of an image's tokens survive each prune layer."""
+    schedule = plan.schedule(num_layers, num_tokens)
+    sets = keep_sets(num_tokens, schedule.stage_tokens[1:], plan.selection, plan.grid)
+    table = torch.zeros(len(sets), num_tokens, dtype=torch.bool)
+    for stage, kept in enumerate(sets):
+        table[stage, list(kept)] = True
+    return table
+
+
+def _keep_masks(plan: AdscPlan, num_layers: int, vision_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per prune layer, a ``(B, T)`` bool mask over the input: text, or vision kept there."""
+    spans = image_spans(vision_mask, plan.tokens_per_image)
+    keep = torch.ones((len(plan.prune_layers), *vision_mask.shape), dtype=torch.bool)
+    for row, row_spans in enumerate(spans):
+        for start, length in row_spans:
+            table = _stage_keep_table(plan, num_layers, length)
+            keep[:, row, start : start + length] = table
+    return list(keep.to(vision_mask.device).unbind(0))
+
+
+def _compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather index that packs the kept slots of each row to the right.
+
+    Returns ``(src, valid)``, both ``(B, T_new)`` with ``T_new`` the largest kept count:
+    ``src`` indexes the current slots, ``valid`` is False for the left padding slots.
+    """
+    length = keep.shape[1]
+    arange = torch.arange(length, device=keep.device)
+    order = torch.argsort(torch.where(keep, arange + length, arange), dim=1)
+    new_length = int(keep.sum(1).max())
+    src = order[:, length - new_length :]
+    return src, keep.gather(1, src)
+
+
+def _gather_slots(hidden: torch.Tensor, src: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    gathered = hidden.gather(1, src.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return gathered * valid.unsqueeze(-1).to(gathered.dtype)
+
+
+def _pop_output_flags(kwargs: dict) -> None:
+    for flag in ("output_hidden_states", "output_attentions"):
+        if kwargs.pop(flag, False):
+            raise NotImplementedError(
+                f"{flag}=True is not available while vision tokens are pruned (layers hold "
+                "different numbers of tokens); read the PruningTrace instead or disable pruning"
+            )
+
+
+def _run_stage(decoder, layers, hidden, mask2d, positions, cache, use_cache, first_layer, pass_positions, kwargs):
+    causal_mask = create_causal_mask(
+        config=decoder.config,
+        inputs_embeds=hidden,
+        attention_mask=mask2d,
+        past_key_values=cache,
+        position_ids=positions,
+        layer_idx=first_layer,
+    )
+    position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
+    for layer in layers:
+        hidden = layer(
+            hidden,
+            attention_mask=causal_mask,
+            position_embeddings=position_embeddings,
+            # Gapped ids would read as packed sequences to FlashAttention: only the RoPE
+            # embeddings carry them after a prune layer.
+            position_ids=positions if pass_positions else None,
+            past_key_values=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+    return hidden
+
+
+def pruned_decoder_forward(
+    decoder,
+    plan: AdscPlan,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    past_key_values: Cache | None = None,
+    inputs_embeds: torch.FloatTensor | None = None,
+    use_cache: bool | None = None,
+    vision_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> PrunedDecoderOutput:
+    """Forward of a Llama-style ``decoder`` that drops vision tokens per ``plan``.
+
+    Args:
+        decoder: the decoder module (``LlamaModel`` or compatible).
+        plan: what to prune; a disabled plan must not reach here (call the stock forward).
+        attention_mask: ``(B, past + T)`` 2-D padding mask or ``None``.
+        position_ids: ``(B, T)`` original positions of the input tokens; default
+            ``past + arange(T)`` like ``LlamaModel``.
+        vision_mask: ``(B, T)`` bool, True at vision tokens of this input. Only a prefill
+            (empty or no cache) may carry vision tokens.
+
+    Returns:
+        ``PrunedDecoderOutput``: hidden states of the last stage's slots (``B, T_out, D``)
+        and ``token_positions`` mapping them to input positions. The trace of a prefill
+        is stored as ``decoder.adsc_trace``.
+    """
+    _pop_output_flags(kwargs)
+    config = decoder.config
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = decoder.embed_tokens(input_ids)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"vision-token pruning needs a 2-D padding mask (batch, length); got shape "
+            f"{tuple(attention_mask.shape)}"
+        )
+    batch, length, _ = inputs_embeds.shape
+    use_cache = config.use_cache if use_cache is None else use_cache
+    if use_cache and past_key_values is None:
+        past_key_values = DynamicCache(config=config)
+    if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+        raise TypeError(
+            f"vision-token pruning keeps a different length per layer and needs a DynamicCache; "
+            f"got {type(past_key_values).__name__}"
+        )
+    has_vision = vision_mask is not None and bool(vision_mask.any())
+    state: PrefillState | None = getattr(past_key_values, ADSC_STATE_ATTR, None)
+    cache_empty = past_key_values is None or all(
+        past_key_values.get_seq_length(i) == 0 for i in range(len(past_key_values.layers))
+    )
+    if cache_empty:
+        state = None
+    elif has_vision:
+        raise NotImplementedError(
+            "vision tokens arrived with a non-empty cache: ADSC prunes at prefill, so the whole "
+            "prompt with its images must be sent in one forward"
+        )
+
+    num_layers = config.num_hidden_layers
+    schedule_bounds = list(zip((0, *plan.prune_layers), (*plan.prune_layers, num_layers)))
+    layers = decoder.layers
+
+    if state is not None:
+        hidden = _decode_step(
+            decoder, state, schedule_bounds, inputs_embeds, attention_mask, position_ids,
+            past_key_values, use_cache, kwargs,
+        )
+        return PrunedDecoderOutput(last_hidden_state=decoder.norm(hidden), past_key_values=past_key_values)
+
+    past_length = 0 if past_key_values is None else past_key_values.get_seq_length(0)
+    if position_ids is None:
+        position_ids = torch.arange(length, device=inputs_embeds.device) + past_length
+    position_ids = position_ids.expand(batch, -1) if position_ids.dim() == 2 else position_ids.unsqueeze(0).expand(batch, -1)
+    slot_mask = (
+        attention_mask[:, -length:].bool()
+        if attention_mask is not None
+        else torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+    )
+    if has_vision:
+        keep_masks = _keep_masks(plan, num_layers, vision_mask.bool())
+        vision = vision_mask.bool()
+    else:
+        keep_masks = [torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)] * len(plan.prune_layers)
+        vision = torch.zeros(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+
+    hidden = inputs_embeds
+    positions = position_ids
+    slot_index = torch.arange(length, device=inputs_embeds.device).expand(batch, -1)
+    stage_masks: list[torch.Tensor] = []
+    kept_positions: list[list[torch.Tensor]] = []
+    tokens_per_layer = torch.zeros(batch, num_layers, dtype=torch.long)
+    padded_lengths = [0] * num_layers
+    for stage, (first, end) in enumerate(schedule_bounds):
+        if stage > 0:
+            # Padding slots go too: only real, kept tokens move on.
+            keep = keep_masks[stage - 1].gather(1, slot_index.clamp(min=0)) & slot_mask
+            src, valid = _compaction_index(keep)
+            hidden = _gather_slots(hidden, src, valid)
+            positions = positions.gather(1, src).masked_fill(~valid, 0)
+            slot_mask = slot_mask.gather(1, src) & valid
+            slot_index = slot_index.gather(1, src).masked_fill(~valid, -1)
+        stage_masks.append(slot_mask)
+        present = vision.gather(1, slot_index.clamp(min=0)) & (slot_index >= 0)
+        kept_positions.append([slot_index[row][present[row]].cpu() for row in range(batch)])
+        tokens_per_layer[:, first:end] = slot_mask.sum(1, keepdim=True).cpu()
+        padded_lengths[first:end] = [hidden.shape[1]] * (end - first)
+        if end > first:
+            hidden = _run_stage(
+                decoder, layers[first:end], hidden, slot_mask, positions, past_key_values,
+                use_cache, first, stage == 0, kwargs,
+            )
+    hidden = decoder.norm(hidden)
+
+    if past_key_values is not None and use_cache:
+        setattr(
+            past_key_values,
+            ADSC_STATE_ATTR,
+            PrefillState(length, tuple(first for first, _ in schedule_bounds), stage_masks),
+        )
+    decoder.adsc_trace = PruningTrace(
+        prune_layers=plan.prune_layers,
+        kept_vision_positions=kept_positions,
+        tokens_per_layer=tokens_per_layer,
+        padded_length_per_layer=padded_lengths,
+        token_positions=slot_index.detach().cpu(),
+    )
+    return PrunedDecoderOutput(
+        last_hidden_state=hidden,
+        past_key_values=past_key_values if use_cache else None,
+        token_positions=slot_index,
+    )
+
+
+def _decode_step(decoder, state, schedule_bounds, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+    """Tokens after a pruned prefill: nothing is dropped, each stage attends to its cache."""
+    batch, length, _ = inputs_embeds.shape
+    last_first = state.stage_first_layers[-1]
+    # Original-space length so far, from any stage: its cache minus its prefill slots.
+    seen = cache.get_seq_length(last_first) - state.stage_masks[-1].shape[1] + state.prompt_length
+    if position_ids is None:
+        position_ids = (torch.arange(length, device=inputs_embeds.device) + seen).unsqueeze(0)
+    positions = position_ids.expand(batch, -1)
+    hidden = inputs_embeds
+    for stage, (first, end) in enumerate(schedule_bounds):
+        if end == first:
+            continue
+        prefill_mask = state.stage_masks[stage]
+        extra = cache.get_seq_length(first) + length - prefill_mask.shape[1]
+        if attention_mask is not None:
+            tail = attention_mask[:, attention_mask.shape[1] - extra :].bool()
+        else:
+            tail = torch.ones(batch, extra, dtype=torch.bool, device=prefill_mask.device)
+        mask2d = torch.cat([prefill_mask, tail.to(prefill_mask.device)], dim=1)
+        hidden = _run_stage(
+            decoder, decoder.layers[first:end], hidden, mask2d, positions, cache, use_cache,
+            first, stage == 0, kwargs,
+        )
+    return hidden

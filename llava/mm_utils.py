@@ -1,0 +1,105 @@
+"""Prompt and image handling with upstream LLaVA's function names and semantics."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+
+__all__ = [
+    "ImageLoadError",
+    "load_image",
+    "expand2square",
+    "process_images",
+    "tokenizer_image_token",
+    "get_model_name_from_path",
+]
+
+
+class ImageLoadError(ValueError):
+    """An image file that is missing or cannot be decoded."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open ``path`` as an RGB image; a missing or undecodable file raises ``ImageLoadError``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageLoadError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ImageLoadError(f"not a readable image: {path} ({error})") from error
+
+
+def expand2square(image: Image.Image, background_color: tuple[int, ...]) -> Image.Image:
+    """Paste ``image`` centred on a square canvas of its longer side filled with ``background_color``."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background_color)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def process_images(images: Sequence[Image.Image], image_processor, model_cfg) -> torch.Tensor:
+    """Pixel values ``(n, 3, H, W)`` for a list of PIL images, as LLaVA-1.5 prepares them.
+
+    ``model_cfg.image_aspect_ratio == "pad"``: each image is first padded to a square with
+    the processor's mean colour (``int(255 * mean)`` per channel); otherwise the processor
+    alone resizes the shorter side and centre-crops.
+    """
+    aspect = getattr(model_cfg, "image_aspect_ratio", None)
+    if aspect not in (None, "pad", "square", "resize", "crop"):
+        raise ValueError(f"image_aspect_ratio {aspect!r} is not supported (LLaVA-1.5 uses 'pad')")
+    images = [image.convert("RGB") for image in images]
+    if aspect == "pad":
+        background = tuple(int(x * 255) for x in image_processor.image_mean)
+        images = [expand2square(image, background) for image in images]
+    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return torch.as_tensor(pixel_values)
+
+
+def tokenizer_image_token(
+    prompt: str,
+    tokenizer,
+    image_token_index: int = IMAGE_TOKEN_INDEX,
+    return_tensors: str | None = None,
+):
+    """Token ids of ``prompt`` with ``image_token_index`` in place of every ``<image>``.
+
+    The text between markers is tokenised piece by piece (as upstream does), one BOS is kept
+    at the start when the tokenizer adds one.
+    """
+    chunks = prompt.split(DEFAULT_IMAGE_TOKEN)
+    ids: list[int] = []
+    bos = tokenizer.bos_token_id
+    first = tokenizer(chunks[0]).input_ids
+    adds_bos = bool(first) and bos is not None and first[0] == bos
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            ids.append(image_token_index)
+        piece = first if i == 0 else tokenizer(chunk).input_ids
+        if adds_bos and piece and piece[0] == bos:
+            piece = piece[1:]
+        ids.extend(piece)
+    if adds_bos:
+        ids.insert(0, bos)
+    if return_tensors == "pt":
+        return torch.tensor(ids, dtype=torch.long)
+    if return_tensors is not None:
+        raise ValueError(f"unsupported tensor type {return_tensors!r}")
+    return ids
+
+
+def get_model_name_from_path(model_path: str) -> str:
+    """Last path component, or ``parent_checkpoint-N`` for Trainer checkpoints."""
+    parts = model_path.strip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]

@@ -1,0 +1,487 @@
+"""``LlavaLlamaForCausalLM``: LLaVA-1.5 on transformers' Llama, with the ADSC config hook.
+
+State-dict keys match upstream (``model.mm_projector.0.weight``,
+``model.vision_tower.vision_tower.vision_model.*``), so released checkpoints load as they are.
+
+The ADSC hook is four config fields, saved in ``config.json``:
+
+* ``prune_layers``: 0-based decoder layers at whose input vision tokens are dropped (layer
+  ``l`` and every later layer see the reduced set);
+* ``drop_ratio``: ``r`` in [0, 1); each prune layer keeps ``floor((1 - r) * N)`` of an
+  image's ``N`` remaining vision tokens;
+* ``vision_token_budget``: the average vision tokens over all layers the ratio was solved
+  for (informational once solved; a config with a budget and ratio 0 is solved on load);
+* ``prune_selection``: ``uniform_2d`` (spatial lattice, default) or ``uniform_1d``.
+
+Empty ``prune_layers`` or ``drop_ratio == 0`` runs transformers' own ``LlamaModel.forward``.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers.generation.utils import GenerateOutput
+from transformers.utils import logging as hf_logging
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+from adsc_patch import AdscPlan, PruningTrace, ScheduleError, pruned_decoder_forward, solve_drop_ratio, vision_schedule
+from adsc_patch.select import SELECTIONS
+
+from ...constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from ..llava_arch import MultimodalInputs, assign_images_to_markers, image_markers_per_row, splice_image_features
+from ..multimodal_encoder.builder import build_vision_tower
+from ..multimodal_projector.builder import build_vision_projector
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LlavaConfig", "LlavaLlamaModel", "LlavaLlamaForCausalLM", "LlavaCausalLMOutput"]
+
+
+@strict
+class LlavaConfig(LlamaConfig):
+    """Llama config plus upstream LLaVA's ``mm_*`` fields and the ADSC pruning fields."""
+
+    model_type = "llava_llama"
+
+    mm_vision_tower: str | None = None
+    mm_vision_config: dict | None = None
+    mm_hidden_size: int | None = None
+    mm_projector_type: str = "linear"
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    mm_patch_merge_type: str = "flat"
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    use_mm_proj: bool = True
+    image_aspect_ratio: str | None = "pad"
+    tokenizer_model_max_length: int | None = None
+    tokenizer_padding_side: str = "right"
+    tune_mm_mlp_adapter: bool = False
+    freeze_mm_mlp_adapter: bool = False
+    conv_mode: str | None = None
+    prune_layers: list[int] | None = None
+    drop_ratio: float | int = 0.0
+    vision_token_budget: float | int | None = None
+    prune_selection: str = "uniform_2d"
+
+    def __post_init__(self, **kwargs):
+        if self.prune_layers is None:
+            self.prune_layers = []
+        self.prune_layers = [int(layer) for layer in self.prune_layers]
+        self.drop_ratio = float(self.drop_ratio)
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        if self.prune_selection not in SELECTIONS:
+            raise ScheduleError(f"prune_selection {self.prune_selection!r}: expected one of {SELECTIONS}")
+        # Layer range and ratio; counts need the vision tower and are checked by the model.
+        vision_schedule(self.num_hidden_layers, 1, self.prune_layers, 0.0)
+        if not 0.0 <= self.drop_ratio < 1.0:
+            raise ScheduleError(f"drop_ratio must be in [0, 1), got {self.drop_ratio}")
+
+
+@dataclass
+class LlavaCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``token_positions``.
+
+    When vision tokens were pruned, ``logits`` cover the slots of the last stage (surviving
+    vision tokens, all text, left padding), not the whole spliced sequence;
+    ``token_positions[b, i]`` is the spliced-sequence index of slot ``i`` (``-1`` for
+    padding). ``None`` means logits align with the spliced sequence.
+    """
+
+    token_positions: torch.Tensor | None = None
+
+
+class LlavaLlamaModel(LlamaModel):
+    """``LlamaModel`` plus ``vision_tower`` and ``mm_projector`` (upstream's attribute names)."""
+
+    config: LlavaConfig
+
+    def __init__(self, config: LlavaConfig):
+        super().__init__(config)
+        if config.mm_vision_tower:
+            self.vision_tower = build_vision_tower(config)
+            self.mm_projector = build_vision_projector(config)
+            self.post_init()
+            self.validate_pruning()
+
+    def get_vision_tower(self):
+        return getattr(self, "vision_tower", None)
+
+    def mm_projector_dtype(self) -> torch.dtype:
+        weights = list(self.mm_projector.parameters())
+        return weights[0].dtype if weights else self.embed_tokens.weight.dtype
+
+    def adsc_plan(self) -> AdscPlan:
+        """The pruning plan the config asks for (a disabled plan when nothing is pruned)."""
+        tower = self.get_vision_tower()
+        grid = None
+        if tower is not None and tower.select_feature == "patch":
+            side = tower.num_patches_per_side
+            grid = (side, side)
+        return AdscPlan(
+            prune_layers=tuple(self.config.prune_layers),
+            drop_ratio=self.config.drop_ratio,
+            selection=self.config.prune_selection,
+            tokens_per_image=tower.num_patches if tower is not None else None,
+            grid=grid,
+        )
+
+    def validate_pruning(self) -> None:
+        """Check (or solve, when only a budget is given) the schedule for this model's images."""
+        tower = self.get_vision_tower()
+        if tower is None or not self.config.prune_layers:
+            return
+        layers, n = self.config.num_hidden_layers, tower.num_patches
+        if self.config.vision_token_budget is not None and self.config.drop_ratio == 0:
+            schedule = solve_drop_ratio(layers, n, self.config.prune_layers, self.config.vision_token_budget)
+            self.config.drop_ratio = schedule.drop_ratio
+        vision_schedule(layers, n, self.config.prune_layers, self.config.drop_ratio)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        vision_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        plan = self.adsc_plan()
+        if plan.enabled:
+            return pruned_decoder_forward(
+                self,
+                plan,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                vision_mask=vision_mask,
+                **kwargs,
+            )
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class LlavaLlamaForCausalLM(LlamaForCausalLM):
+    """LLaVA-1.5: CLIP tower -> projector -> Llama, with batched ``generate`` and ADSC."""
+
+    config: LlavaConfig
+
+    def __init__(self, config: LlavaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = LlavaLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_missing_projector: bool = False, **kwargs):
+        """``PreTrainedModel.from_pretrained`` that never hides missing multimodal weights.
+
+        Vision-tower weights absent from the checkpoint (as in released LLaVA-1.5) are read
+        from ``mm_vision_tower``. A missing projector raises unless
+        ``allow_missing_projector`` (the caller then loads it, e.g. from ``mm_projector.bin``).
+        Any other missing weight raises.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        # transformers' own report would call the vision tower "newly initialized"; we
+        # account for every missing key below instead.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if info.get("unexpected_keys"):
+            logger.warning(
+                "%s holds weights the model does not use: %s",
+                pretrained_model_name_or_path,
+                sorted(info["unexpected_keys"])[:8],
+            )
+        missing = set(info.get("missing_keys", ()))
+        tower_missing = {k for k in missing if k.startswith("model.vision_tower.")}
+        projector_missing = {k for k in missing if k.startswith("model.mm_projector")}
+        other_missing = missing - tower_missing - projector_missing
+        if other_missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} lacks weights of the language model: {sorted(other_missing)[:8]}"
+            )
+        if projector_missing and not allow_missing_projector:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has no projector weights ({sorted(projector_missing)}); "
+                "it is a language model or a LoRA/projector-only output: load it with "
+                "llava.model.builder.load_pretrained_model(model_path, model_base=...)"
+            )
+        tower = model.get_vision_tower()
+        if tower is not None and tower_missing:
+            tower.load_pretrained_weights()
+        return (model, info) if want_info else model
+
+    def get_model(self) -> LlavaLlamaModel:
+        return self.model
+
+    def get_vision_tower(self):
+        return self.model.get_vision_tower()
+
+    # ------------------------------------------------------------------ ADSC
+    def configure_pruning(
+        self,
+        prune_layers=None,
+        drop_ratio: float | None = None,
+        vision_token_budget: float | None = None,
+        selection: str | None = None,
+    ):
+        """Set the ADSC schedule on the config (the one door used by training, eval and demo).
+
+        Give ``drop_ratio`` or ``vision_token_budget`` (solved for ``prune_layers``), not
+        both. ``prune_layers=[]`` or ``drop_ratio=0`` turns pruning off. Returns the
+        ``VisionSchedule`` in effect (``None`` without a vision tower).
+        """
+        if drop_ratio is not None and vision_token_budget is not None:
+            raise ScheduleError("give drop_ratio or vision_token_budget, not both")
+        tower = self.get_vision_tower()
+        layers = list(self.config.prune_layers if prune_layers is None else prune_layers)
+        if selection is not None and selection not in SELECTIONS:
+            raise ScheduleError(f"prune selection {selection!r}: expected one of {SELECTIONS}")
+        n_layers = self.config.num_hidden_layers
+        n_tokens = tower.num_patches if tower is not None else 1
+        if vision_token_budget is not None:
+            schedule = solve_drop_ratio(n_layers, n_tokens, layers, vision_token_budget)
+        else:
+            ratio = self.config.drop_ratio if drop_ratio is None else drop_ratio
+            schedule = vision_schedule(n_layers, n_tokens, layers, ratio)
+        self.config.prune_layers = list(schedule.prune_layers)
+        self.config.drop_ratio = schedule.drop_ratio
+        self.config.vision_token_budget = vision_token_budget
+        if selection is not None:
+            self.config.prune_selection = selection
+        return schedule if tower is not None else None
+
+    def vision_schedule(self):
+        """The ``VisionSchedule`` of the current config for one image."""
+        tower = self.get_vision_tower()
+        if tower is None:
+            raise ValueError("model has no vision tower")
+        return vision_schedule(
+            self.config.num_hidden_layers, tower.num_patches, self.config.prune_layers, self.config.drop_ratio
+        )
+
+    @property
+    def pruning_trace(self) -> PruningTrace | None:
+        """Survivors and per-layer token counts of the last pruned prefill."""
+        return getattr(self.model, "adsc_trace", None)
+
+    # ------------------------------------------------------------------ multimodal inputs
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, H, W)`` -> ``(n, num_patches, hidden_size)`` projected features."""
+        features = self.get_vision_tower()(images)
+        return self.model.mm_projector(features.to(self.model.mm_projector_dtype()))
+
+    def prepare_inputs_labels_for_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        images,
+        padding_side: str | None = None,
+    ) -> MultimodalInputs:
+        """Encode the images a batch uses and splice them at their markers."""
+        if self.get_vision_tower() is None:
+            raise ValueError("this model has no vision tower; prompts cannot contain <image>")
+        image_list = _flatten_images(images)
+        markers = image_markers_per_row(input_ids, attention_mask)
+        assignment = assign_images_to_markers(markers, len(image_list))
+        used = sorted({i for row in assignment for i in row})
+        features_by_image = {}
+        if used:
+            pixel = torch.stack([image_list[i] for i in used])
+            encoded = self.encode_images(pixel)
+            features_by_image = dict(zip(used, encoded))
+        per_row = [[features_by_image[i] for i in row] for row in assignment]
+        side = padding_side or _padding_side(attention_mask, self.config.tokenizer_padding_side)
+        return splice_image_features(
+            input_ids,
+            attention_mask,
+            labels,
+            per_row,
+            self.model.embed_tokens,
+            padding_side=side,
+            max_length=self.config.tokenizer_model_max_length if labels is not None else None,
+        )
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        images: torch.Tensor | list | None = None,
+        image_sizes: list | None = None,
+        vision_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> LlavaCausalLMOutput:
+        """Forward with upstream's ``images`` argument.
+
+        ``input_ids`` may contain ``IMAGE_TOKEN_INDEX`` markers (then ``images`` is required);
+        the spliced sequence gets position ids from the padding mask. ``image_sizes`` is
+        accepted for API compatibility (LLaVA-1.5's square inputs do not use it).
+        """
+        if inputs_embeds is None and input_ids is not None and bool((input_ids == IMAGE_TOKEN_INDEX).any()):
+            if images is None:
+                raise ValueError("input_ids contain <image> markers but no images were given")
+            spliced = self.prepare_inputs_labels_for_multimodal(input_ids, attention_mask, labels, images)
+            input_ids = None
+            inputs_embeds = spliced.inputs_embeds
+            attention_mask = spliced.attention_mask
+            position_ids = spliced.position_ids
+            labels = spliced.labels
+            vision_mask = spliced.vision_mask
+        elif images is not None and past_key_values is None and input_ids is not None:
+            raise ValueError(f"{_count_images(images)} image(s) given but the prompts contain no <image> marker")
+
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            vision_mask=vision_mask,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        token_positions = getattr(outputs, "token_positions", None)
+        slice_ = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_, :])
+        loss = None
+        if labels is not None:
+            if token_positions is not None:
+                labels = labels.gather(1, token_positions.clamp(min=0)).masked_fill(token_positions < 0, IGNORE_INDEX)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return LlavaCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+            token_positions=token_positions,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        images: torch.Tensor | list | None = None,
+        image_sizes: list | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> GenerateOutput | torch.LongTensor:
+        """Batched generation; returns only the new tokens (as upstream).
+
+        ``inputs``: ``(B, L)`` prompt ids with image markers, left- or right-padded (spliced
+        rows are re-padded on the left). ``images``: one tensor ``(n, 3, H, W)`` or a list.
+        """
+        if "inputs_embeds" in kwargs:
+            return super().generate(attention_mask=attention_mask, **kwargs)
+        if inputs is None:
+            raise ValueError("generate needs prompt ids (`inputs`)")
+        has_markers = bool((inputs == IMAGE_TOKEN_INDEX).any())
+        if has_markers:
+            if images is None:
+                raise ValueError("the prompts contain <image> markers but no images were given")
+            spliced = self.prepare_inputs_labels_for_multimodal(inputs, attention_mask, None, images, padding_side="left")
+            return super().generate(
+                inputs_embeds=spliced.inputs_embeds,
+                attention_mask=spliced.attention_mask,
+                vision_mask=spliced.vision_mask,
+                **kwargs,
+            )
+        if images is not None:
+            raise ValueError(f"{_count_images(images)} image(s) given but the prompts contain no <image> marker")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(inputs)
+        left = _left_align(inputs, attention_mask)
+        return super().generate(
+            inputs_embeds=self.model.embed_tokens(left[0]), attention_mask=left[1], **kwargs
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids, inputs_embeds=None, vision_mask=None, is_first_iteration=False, **kwargs
+    ):
+        """Hands ``vision_mask`` to the prefill step only (decode steps carry no image)."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if model_inputs.get("inputs_embeds") is not None:
+            model_inputs["vision_mask"] = vision_mask
+        return model_inputs
+
+
+def _flatten_images(images) -> list[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 3:
+            return [images]
+        if images.dim() == 4:
+            return list(images)
+        raise ValueError(f"images tensor must be (n, 3, H, W), got shape {tuple(images.shape)}")
+    out = []
+    for image in images:
+        out.extend(_flatten_images(image))
+    return out
+
+
+def _count_images(images) -> int:
+    return len(_flatten_images(images))
+
+
+def _padding_side(attention_mask: torch.Tensor | None, default: str) -> str:
+    if attention_mask is None:
+        return default
+    mask = attention_mask.bool()
+    left = bool((~mask[:, 0]).any())
+    right = bool((~mask[:, -1]).any())
+    if left and not right:
+        return "left"
+    if right and not left:
+        return "right"
+    return default
+
+
+def _left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move every row's real tokens to the right end (generation needs left padding)."""
+    mask = attention_mask.bool()
+    length = mask.shape[1]
+    arange = torch.arange(length, device=mask.device)
+    order = torch.argsort(torch.where(mask, arange + length, arange), dim=1)
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+AutoConfig.register("llava_llama", LlavaConfig)
+AutoModelForCausalLM.register(LlavaConfig, LlavaLlamaForCausalLM)

@@ -1,0 +1,43 @@
+"""Packaging for ``llava`` (LLaVA-1.5 on transformers 5) and ``adsc_patch`` (the ADSC method)."""
+
+from setuptools import find_packages, setup
+
+# torch: the upper bound makes a fresh CPU install take 2.13.0 (the tested release, a CPU
+# wheel on our CI machines) instead of a newer multi-GB CUDA build; an installed torch in
+# range is kept as it is.
+CORE = [
+    "torch>=2.6,<=2.13.0",
+    "transformers>=5.23,<6",
+    "peft>=0.17",
+    "accelerate>=1.10",
+    "safetensors>=0.5",
+    "sentencepiece>=0.2",
+    "protobuf>=4",  # reading sentencepiece tokenizer.model files into transformers
+    "tokenizers>=0.22",
+    "pillow>=10",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+]
+
+PLAYGROUND = ["scikit-learn>=1.4", "matplotlib>=3.8"]
+
+EXTRAS = {
+    "train": ["deepspeed>=0.16", "bitsandbytes>=0.45"],
+    "demo": ["gradio>=5", "pillow<13"],
+    "flash": ["flash-attn>=2.6"],
+    "playground": PLAYGROUND,
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", *PLAYGROUND],
+}
+
+setup(
+    name="llava-adsc",
+    version="0.1.0",
+    description="LLaVA-1.5 on current transformers with ADSC vision-token pruning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llava", "llava.*", "adsc_patch", "adsc_patch.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)
