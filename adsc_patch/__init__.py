@@ -5,7 +5,15 @@ The method as small pure pieces (``schedule``, ``select``), the pruned decoder l
 models we did not write (``patch``). Nothing here imports ``llava``.
 """
 
-from .decoder import AdscPlan, PrunedDecoderOutput, PruningTrace, image_spans, pruned_decoder_forward
+from .decoder import (
+    AdscPlan,
+    PrunedDecoderOutput,
+    PruningTrace,
+    compact_labels,
+    image_spans,
+    pruned_decoder_forward,
+)
+from .patch import apply_adsc, last_trace, remove_adsc
 from .schedule import (
     ScheduleError,
     VisionSchedule,
@@ -22,11 +30,15 @@ __all__ = [
     "PruningTrace",
     "ScheduleError",
     "VisionSchedule",
+    "apply_adsc",
+    "compact_labels",
     "default_prune_layers",
     "image_spans",
     "keep_sets",
     "kept_tokens",
+    "last_trace",
     "pruned_decoder_forward",
+    "remove_adsc",
     "solve_drop_ratio",
     "vision_schedule",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "ADSC_STATE_ATTR",
     "image_spans",
     "pruned_decoder_forward",
+    "compact_labels",
 ]
 
 ADSC_STATE_ATTR = "_adsc_prefill_state"
@@ -133,6 +134,23 @@ class PrunedDecoderOutput(BaseModelOutputWithPast):
     """
 
     token_positions: torch.Tensor | None = None
+
+
+def compact_labels(labels: torch.Tensor, token_positions: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels for the slots of a pruned output, for the usual shifted causal-LM loss.
+
+    Slot ``i`` gets the label of input position ``token_positions[:, i]``; padding slots and
+    the first real slot of each row (its predecessor is padding, so nothing predicts it)
+    get ``ignore_index``. Every other text target is then predicted by the slot before it
+    (the last surviving token before it), so the set of targets is the same as without
+    pruning. Dropped vision positions carry ``ignore_index`` labels in LLaVA data anyway.
+    """
+    out = labels.gather(1, token_positions.clamp(min=0))
+    out = out.masked_fill(token_positions < 0, ignore_index)
+    unpredicted = torch.zeros_like(token_positions, dtype=torch.bool)
+    unpredicted[:, 0] = True
+    unpredicted[:, 1:] = token_positions[:, :-1] < 0
+    return out.masked_fill(unpredicted, ignore_index)
 
 
 def image_spans(vision_mask: torch.Tensor, tokens_per_image: int | None) -> list[list[tuple[int, int]]]:

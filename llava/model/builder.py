@@ -195,13 +195,23 @@ def _add_multimodal_tokens(tokenizer, model) -> None:
 
 
 def _load_tokenizer(*paths: str):
+    """The tokenizer of the first folder that has one, by the class its
+    ``tokenizer_config.json`` names (``AutoTokenizer`` would let a ``model_type: llava``
+    config pick a generic class that tokenises differently)."""
     from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
     for path in paths:
         if path and any(
             os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.model", "tokenizer.json")
         ):
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer_class = None
+            config_file = os.path.join(path, "tokenizer_config.json")
+            if os.path.isfile(config_file):
+                with open(config_file) as f:
+                    name = json.load(f).get("tokenizer_class")
+                tokenizer_class = tokenizer_class_from_name(name) if name else None
+            tokenizer = (tokenizer_class or AutoTokenizer).from_pretrained(path)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.unk_token
             return tokenizer

@@ -28,7 +28,15 @@ from transformers.utils import logging as hf_logging
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
-from adsc_patch import AdscPlan, PruningTrace, ScheduleError, pruned_decoder_forward, solve_drop_ratio, vision_schedule
+from adsc_patch import (
+    AdscPlan,
+    PruningTrace,
+    ScheduleError,
+    compact_labels,
+    pruned_decoder_forward,
+    solve_drop_ratio,
+    vision_schedule,
+)
 from adsc_patch.select import SELECTIONS
 
 from ...constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -255,8 +263,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         """Set the ADSC schedule on the config (the one door used by training, eval and demo).
 
         Give ``drop_ratio`` or ``vision_token_budget`` (solved for ``prune_layers``), not
-        both. ``prune_layers=[]`` or ``drop_ratio=0`` turns pruning off. Returns the
-        ``VisionSchedule`` in effect (``None`` without a vision tower).
+        both; with neither, a budget saved in the config is solved again for the (possibly
+        new) layers, else the saved ratio stays. ``prune_layers=[]`` or ``drop_ratio=0``
+        turns pruning off. Returns the ``VisionSchedule`` in effect (``None`` without a
+        vision tower).
         """
         if drop_ratio is not None and vision_token_budget is not None:
             raise ScheduleError("give drop_ratio or vision_token_budget, not both")
@@ -266,6 +276,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             raise ScheduleError(f"prune selection {selection!r}: expected one of {SELECTIONS}")
         n_layers = self.config.num_hidden_layers
         n_tokens = tower.num_patches if tower is not None else 1
+        if drop_ratio is None and vision_token_budget is None and layers:
+            vision_token_budget = self.config.vision_token_budget
         if vision_token_budget is not None:
             schedule = solve_drop_ratio(n_layers, n_tokens, layers, vision_token_budget)
         else:
@@ -383,7 +395,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         loss = None
         if labels is not None:
             if token_positions is not None:
-                labels = labels.gather(1, token_positions.clamp(min=0)).masked_fill(token_positions < 0, IGNORE_INDEX)
+                labels = compact_labels(labels, token_positions, IGNORE_INDEX)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return LlavaCausalLMOutput(
             loss=loss,

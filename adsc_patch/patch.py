@@ -1,0 +1,180 @@
+"""``apply_adsc`` / ``remove_adsc``: switch vision-token pruning on models we did not write.
+
+Two kinds of model are handled:
+
+* models with the ADSC config hook (they define ``configure_pruning``, like
+  ``llava.LlavaLlamaForCausalLM``): the schedule is written to their config;
+* transformers' ``LlavaForConditionalGeneration`` / ``LlavaModel`` (llava-hf checkpoints):
+  the instance's forwards are swapped, weights and classes untouched (output-capture hooks
+  registered by class name keep working). Image positions are read from ``input_ids ==
+  config.image_token_id`` at prefill; with ``labels`` the loss is computed over the pruned
+  sequence exactly as without pruning (every text target once).
+
+``remove_adsc`` restores the original behaviour; ``last_trace`` returns the
+``PruningTrace`` of the last pruned prefill.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+from .decoder import AdscPlan, PruningTrace, compact_labels, pruned_decoder_forward
+from .schedule import ScheduleError, VisionSchedule, solve_drop_ratio, vision_schedule
+
+__all__ = ["apply_adsc", "remove_adsc", "last_trace"]
+
+_PLAN_ATTR = "_adsc_plan"
+_POSITIONS_ATTR = "_adsc_token_positions"
+_IGNORE_INDEX = -100
+
+
+def _hf_parts(model):
+    """(top model or None, LlavaModel, language model) of a transformers Llava model."""
+    from transformers import LlavaForConditionalGeneration, LlavaModel
+
+    if isinstance(model, LlavaForConditionalGeneration):
+        return model, model.model, model.model.language_model
+    if isinstance(model, LlavaModel):
+        return None, model, model.language_model
+    raise TypeError(
+        f"apply_adsc supports models with a configure_pruning hook and transformers' "
+        f"LlavaForConditionalGeneration/LlavaModel; got {type(model).__name__}"
+    )
+
+
+def _hf_tokens_per_image(config) -> tuple[int, tuple[int, int] | None]:
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    if config.vision_feature_select_strategy == "default":
+        return side * side, (side, side)
+    return side * side + 1, None
+
+
+def _resolve_schedule(num_layers, num_tokens, prune_layers, drop_ratio, vision_token_budget) -> VisionSchedule:
+    if (drop_ratio is None) == (vision_token_budget is None):
+        raise ScheduleError("give exactly one of drop_ratio or vision_token_budget")
+    if vision_token_budget is not None:
+        return solve_drop_ratio(num_layers, num_tokens, prune_layers, vision_token_budget)
+    return vision_schedule(num_layers, num_tokens, prune_layers, drop_ratio)
+
+
+def apply_adsc(
+    model,
+    prune_layers,
+    drop_ratio: float | None = None,
+    vision_token_budget: float | None = None,
+    selection: str = "uniform_2d",
+) -> VisionSchedule:
+    """Prune vision tokens at ``prune_layers`` with ``drop_ratio`` (or the ratio meeting
+    ``vision_token_budget`` average tokens). Returns the schedule for one image; a bad
+    request raises ``ScheduleError`` before the model is touched."""
+    if hasattr(model, "configure_pruning"):
+        if (drop_ratio is None) == (vision_token_budget is None):
+            raise ScheduleError("give exactly one of drop_ratio or vision_token_budget")
+        return model.configure_pruning(
+            prune_layers=list(prune_layers),
+            drop_ratio=drop_ratio,
+            vision_token_budget=vision_token_budget,
+            selection=selection,
+        )
+    top, llava_model, language_model = _hf_parts(model)
+    config = llava_model.config
+    num_tokens, grid = _hf_tokens_per_image(config)
+    schedule = _resolve_schedule(
+        config.text_config.num_hidden_layers, num_tokens, prune_layers, drop_ratio, vision_token_budget
+    )
+    plan = AdscPlan(schedule.prune_layers, schedule.drop_ratio, selection, num_tokens, grid)
+    setattr(language_model, _PLAN_ATTR, plan)
+    _install(language_model, _language_model_forward)
+    _install(llava_model, _llava_model_forward)
+    if top is not None:
+        _install(top, _top_forward)
+    return schedule
+
+
+def _install(module, forward) -> None:
+    """Set ``forward`` on this instance only, showing the class forward's signature (generate
+    inspects it to validate its keyword arguments)."""
+
+    @functools.wraps(type(module).forward)
+    def wrapper(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    module.forward = types.MethodType(wrapper, module)
+
+
+def remove_adsc(model) -> None:
+    """Undo ``apply_adsc``: the model computes on all tokens again."""
+    if hasattr(model, "configure_pruning"):
+        model.configure_pruning(prune_layers=[], drop_ratio=0.0)
+        return
+    top, llava_model, language_model = _hf_parts(model)
+    for module in (top, llava_model, language_model):
+        if module is not None and "forward" in vars(module):
+            del module.forward
+    for attr in (_PLAN_ATTR, _POSITIONS_ATTR):
+        if hasattr(language_model, attr):
+            delattr(language_model, attr)
+
+
+def last_trace(model) -> PruningTrace | None:
+    """The ``PruningTrace`` of the last pruned prefill of ``model`` (``None`` if none ran)."""
+    if hasattr(model, "pruning_trace"):
+        return model.pruning_trace
+    _, _, language_model = _hf_parts(model)
+    return getattr(language_model, "adsc_trace", None)
+
+
+def _language_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                            inputs_embeds=None, use_cache=None, adsc_vision_mask=None, **kwargs):
+    plan: AdscPlan = getattr(self, _PLAN_ATTR)
+    if not plan.enabled:
+        return type(self).forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+    outputs = pruned_decoder_forward(
+        self, plan, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+        vision_mask=adsc_vision_mask, **kwargs,
+    )
+    setattr(self, _POSITIONS_ATTR, outputs.token_positions)
+    return outputs
+
+
+def _llava_model_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                         past_key_values=None, inputs_embeds=None, **kwargs):
+    vision_mask = None
+    if input_ids is not None:
+        vision_mask = input_ids == self.config.image_token_id
+    elif inputs_embeds is not None and (pixel_values is not None or kwargs.get("mm_encoder_outputs") is not None):
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        vision_mask = (inputs_embeds == image_embedding).all(-1)
+    if vision_mask is not None and not bool(vision_mask.any()):
+        vision_mask = None
+    setattr(self.language_model, _POSITIONS_ATTR, None)
+    return type(self).forward(
+        self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+        position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+        adsc_vision_mask=vision_mask, **kwargs,
+    )
+
+
+def _top_forward(self, *args, labels=None, **kwargs):
+    outputs = type(self).forward(self, *args, **kwargs)
+    positions = getattr(self.model.language_model, _POSITIONS_ATTR, None)
+    if positions is not None:
+        outputs["token_positions"] = positions
+    if labels is not None:
+        if positions is not None:
+            labels = compact_labels(labels, positions, _IGNORE_INDEX)
+        loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
+        outputs["loss"] = self.loss_function(
+            logits=outputs.logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
+        )
+    return outputs

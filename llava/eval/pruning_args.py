@@ -1,0 +1,54 @@
+"""The pruning flags shared by every inference entry point (eval, one-shot CLI, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from adsc_patch import ScheduleError
+
+logger = logging.getLogger(__name__)
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prune-layers takes comma-separated layer indices, got {text!r}") from None
+
+
+def add_pruning_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ADSC vision-token pruning (default: the checkpoint's own schedule)")
+    group.add_argument("--prune-layers", type=_layer_list, default=None,
+                       help="comma-separated 0-based decoder layers; tokens drop at the input of each")
+    ratio = group.add_mutually_exclusive_group()
+    ratio.add_argument("--drop-ratio", type=float, default=None, help="fraction dropped at every prune layer")
+    ratio.add_argument("--vision-token-budget", type=float, default=None,
+                       help="average vision tokens over all layers; the drop ratio is solved for it")
+    group.add_argument("--prune-selection", choices=["uniform_2d", "uniform_1d"], default=None)
+    group.add_argument("--no-pruning", action="store_true", help="run on all vision tokens")
+
+
+def apply_pruning_args(model, args: argparse.Namespace):
+    """Configure ``model`` from the flags; returns the schedule in effect (``None`` without
+    a vision tower). With no flag the checkpoint's saved schedule stays as it is."""
+    try:
+        if getattr(args, "no_pruning", False):
+            schedule = model.configure_pruning(prune_layers=[], drop_ratio=0.0)
+        elif any(
+            value is not None
+            for value in (args.prune_layers, args.drop_ratio, args.vision_token_budget, args.prune_selection)
+        ):
+            schedule = model.configure_pruning(
+                prune_layers=args.prune_layers,
+                drop_ratio=args.drop_ratio,
+                vision_token_budget=args.vision_token_budget,
+                selection=args.prune_selection,
+            )
+        else:
+            schedule = model.vision_schedule() if model.get_vision_tower() is not None else None
+    except ScheduleError as error:
+        raise SystemExit(f"error: {error}") from error
+    if schedule is not None:
+        logger.info("vision tokens: %s", schedule.describe())
+    return schedule

@@ -1,0 +1,98 @@
+"""apply_adsc on transformers' own LlavaForConditionalGeneration (llava-hf users keep their class)."""
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from adsc_patch import ScheduleError, apply_adsc, remove_adsc
+from adsc_patch.patch import last_trace
+from llava.constants import IGNORE_INDEX
+from llava.model.builder import load_pretrained_model
+from tests.helpers import QUESTIONS, pad_batch, prompt_ids
+from tests.llava.test_builder import _hf_inputs
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_hf_dir):
+    hf = LlavaForConditionalGeneration.from_pretrained(tiny_hf_dir).eval()
+    tokenizer, ours, processor, _ = load_pretrained_model(tiny_hf_dir, device="cpu")
+    return hf, ours, tokenizer, processor
+
+
+def test_patched_hf_model_equals_our_model_with_the_same_schedule(pair, random_images):
+    hf, ours, tokenizer, processor = pair
+    ids, mask, pixels = _hf_inputs(hf, tokenizer, processor, random_images, "left")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        stock = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions).logits
+    schedule = apply_adsc(hf, prune_layers=[1, 2], drop_ratio=0.5)
+    apply_adsc(ours, prune_layers=[1, 2], drop_ratio=0.5)
+    try:
+        assert schedule.stage_tokens == (36, 18, 9)
+        with torch.no_grad():
+            patched = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions)
+            seqs = [prompt_ids(tokenizer, q) for q in QUESTIONS]
+            our_ids, our_mask = pad_batch(seqs, tokenizer.pad_token_id, "left")
+            expected = ours(input_ids=our_ids, attention_mask=our_mask, images=pixels)
+        assert patched.logits.shape[1] == ids.shape[1] - 27  # 36 -> 9 vision tokens per row
+        torch.testing.assert_close(patched.logits, expected.logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(patched.token_positions, expected.token_positions)
+        trace = last_trace(hf)
+        assert [len(p[0]) for p in trace.kept_vision_positions] == [36, 18, 9]
+    finally:
+        remove_adsc(hf)
+        remove_adsc(ours)
+    with torch.no_grad():
+        restored = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions).logits
+    assert torch.equal(restored, stock)
+    assert "forward" not in vars(hf) and "forward" not in vars(hf.model)
+
+
+def test_patched_hf_loss_matches_ours(pair, random_images):
+    hf, ours, tokenizer, processor = pair
+    ids, mask, pixels = _hf_inputs(hf, tokenizer, processor, random_images, "right")
+    labels = ids.clone()
+    labels[(mask == 0) | (ids == hf.config.image_token_id)] = IGNORE_INDEX
+    seqs = [prompt_ids(tokenizer, q) for q in QUESTIONS]
+    our_ids, our_mask = pad_batch(seqs, tokenizer.pad_token_id, "right")
+    our_labels = our_ids.clone()
+    our_labels[(our_mask == 0) | (our_ids < 0)] = IGNORE_INDEX
+    apply_adsc(hf, prune_layers=[2], vision_token_budget=20)
+    apply_adsc(ours, prune_layers=[2], vision_token_budget=20)
+    try:
+        with torch.no_grad():
+            hf_loss = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+            our_loss = ours(input_ids=our_ids, attention_mask=our_mask, images=pixels, labels=our_labels).loss
+        torch.testing.assert_close(hf_loss, our_loss, atol=1e-5, rtol=1e-5)
+    finally:
+        remove_adsc(hf)
+        remove_adsc(ours)
+
+
+def test_patched_hf_generation_batch_equals_single(pair, random_images):
+    hf, _, tokenizer, processor = pair
+    ids, mask, pixels = _hf_inputs(hf, tokenizer, processor, random_images, "left")
+    apply_adsc(hf, prune_layers=[1, 3], drop_ratio=0.6)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    try:
+        with torch.no_grad():
+            batched = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kwargs)[:, ids.shape[1]:]
+            for row in range(3):
+                real = mask[row].bool()
+                alone = hf.generate(input_ids=ids[row][real][None], pixel_values=pixels[row:row + 1], **kwargs)
+                assert alone[0, real.sum():].tolist() == batched[row].tolist()
+    finally:
+        remove_adsc(hf)
+
+
+def test_bad_requests_are_refused_before_touching_the_model(pair):
+    hf = pair[0]
+    with pytest.raises(ScheduleError, match="out of range"):
+        apply_adsc(hf, prune_layers=[7], drop_ratio=0.5)
+    with pytest.raises(ScheduleError, match="exactly one"):
+        apply_adsc(hf, prune_layers=[1], drop_ratio=0.5, vision_token_budget=10)
+    with pytest.raises(ScheduleError, match="above the 36"):
+        apply_adsc(hf, prune_layers=[1], vision_token_budget=40)
+    assert "forward" not in vars(hf.model.language_model)
+    with pytest.raises(TypeError, match="supports"):
+        apply_adsc(torch.nn.Linear(2, 2), prune_layers=[1], drop_ratio=0.5)

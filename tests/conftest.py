@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random checkpoints and models, built offline once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> str:
+    """A tiny checkpoint in upstream LLaVA-1.5 layout (4 layers, 36 vision tokens)."""
+    from llava.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_llava")), format="llava", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> str:
+    """The same weights in transformers' llava-hf layout."""
+    from llava.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_hf")), format="hf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_deep_dir(tmp_path_factory) -> str:
+    """A deeper tiny checkpoint (8 layers) so schedules have several stages."""
+    from llava.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_deep")), format="llava", seed=1, layers=8)
+
+
+@pytest.fixture(scope="session")
+def loaded_tiny(tiny_llava_dir):
+    from llava.model.builder import load_pretrained_model
+
+    return load_pretrained_model(tiny_llava_dir, device="cpu")
+
+
+@pytest.fixture()
+def random_images():
+    """Three RGB images of different aspect ratios."""
+    rng = np.random.RandomState(0)
+    return [Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")) for h, w in ((40, 50), (64, 30), (48, 48))]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

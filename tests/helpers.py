@@ -1,0 +1,29 @@
+"""Helpers for tests: prompt batches for the tiny models."""
+
+from __future__ import annotations
+
+import torch
+
+from llava.conversation import conv_templates
+from llava.mm_utils import tokenizer_image_token
+
+QUESTIONS = ("What is this?", "Describe the image in detail please.", "Is there a cat?")
+
+
+def prompt_ids(tokenizer, question: str, template: str = "vicuna_v1", image_first: bool = True) -> torch.Tensor:
+    conv = conv_templates[template].copy()
+    text = f"<image>\n{question}" if image_first else f"{question}\n<image>"
+    conv.append_message(conv.roles[0], text)
+    conv.append_message(conv.roles[1], None)
+    return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")
+
+
+def pad_batch(sequences, pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+        ids[row, span] = seq
+        mask[row, span] = 1
+    return ids, mask
