@@ -26,7 +26,8 @@ EXTRAS = {
     "demo": ["gradio>=5", "pillow<13"],
     "flash": ["flash-attn>=2.6"],
     "playground": PLAYGROUND,
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", *PLAYGROUND],
+    # deepspeed: the tests run the ZeRO-3 recipe in one CPU process
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "deepspeed>=0.16", *PLAYGROUND],
 }
 
 setup(

@@ -41,25 +41,39 @@ class Conversation:
     skip_next: bool = False
 
     def get_prompt(self) -> str:
+        return self.render()[0]
+
+    def render(self) -> tuple[str, list[tuple[int, int]]]:
+        """The prompt and the character spans a model is trained to produce.
+
+        Spans cover each assistant reply with its leading space and closing separator
+        (``" A1</s>"`` in ``vicuna_v1``); in ``plain`` the second message and its separator.
+        """
         messages = [(role, _text(message)) for role, message in self.messages]
-        if self.sep_style == SeparatorStyle.TWO:
-            seps = (self.sep, self.sep2)
+        spans: list[tuple[int, int]] = []
+        if self.sep_style in (SeparatorStyle.TWO, SeparatorStyle.SINGLE):
+            seps = (self.sep, self.sep2) if self.sep_style == SeparatorStyle.TWO else (self.sep, self.sep)
             out = self.system + seps[0]
             for i, (role, text) in enumerate(messages):
-                out += f"{role}: {text}{seps[i % 2]}" if text else f"{role}:"
-            return out
-        if self.sep_style == SeparatorStyle.SINGLE:
-            out = self.system + self.sep
-            for role, text in messages:
-                out += f"{role}: {text}{self.sep}" if text else f"{role}:"
-            return out
+                if not text:
+                    out += f"{role}:"
+                    continue
+                out += f"{role}:"
+                start = len(out)
+                out += f" {text}{seps[i % 2]}"
+                if i % 2 == 1:
+                    spans.append((start, len(out)))
+            return out, spans
         if self.sep_style == SeparatorStyle.PLAIN:
             seps = (self.sep, self.sep2 if self.sep2 is not None else self.sep)
             out = self.system
             for i, (_, text) in enumerate(messages):
                 if text:
+                    start = len(out)
                     out += text + seps[i % 2]
-            return out
+                    if i % 2 == 1:
+                        spans.append((start, len(out)))
+            return out, spans
         raise ValueError(f"unknown separator style {self.sep_style}")
 
     def append_message(self, role: str, message) -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "expand2square",
     "process_images",
     "tokenizer_image_token",
+    "tokenizer_image_token_with_offsets",
     "get_model_name_from_path",
 ]
 
@@ -76,25 +77,43 @@ def tokenizer_image_token(
     The text between markers is tokenised piece by piece (as upstream does), one BOS is kept
     at the start when the tokenizer adds one.
     """
-    chunks = prompt.split(DEFAULT_IMAGE_TOKEN)
-    ids: list[int] = []
-    bos = tokenizer.bos_token_id
-    first = tokenizer(chunks[0]).input_ids
-    adds_bos = bool(first) and bos is not None and first[0] == bos
-    for i, chunk in enumerate(chunks):
-        if i > 0:
-            ids.append(image_token_index)
-        piece = first if i == 0 else tokenizer(chunk).input_ids
-        if adds_bos and piece and piece[0] == bos:
-            piece = piece[1:]
-        ids.extend(piece)
-    if adds_bos:
-        ids.insert(0, bos)
+    ids, _ = tokenizer_image_token_with_offsets(prompt, tokenizer, image_token_index)
     if return_tensors == "pt":
         return torch.tensor(ids, dtype=torch.long)
     if return_tensors is not None:
         raise ValueError(f"unsupported tensor type {return_tensors!r}")
     return ids
+
+
+def tokenizer_image_token_with_offsets(
+    prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """``tokenizer_image_token`` plus each token's ``(start, end)`` character span in
+    ``prompt`` (BOS: ``(0, 0)``; an image marker: the span of its ``<image>``)."""
+    chunks = prompt.split(DEFAULT_IMAGE_TOKEN)
+    bos = tokenizer.bos_token_id
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    position = 0
+    adds_bos = False
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            ids.append(image_token_index)
+            offsets.append((position, position + len(DEFAULT_IMAGE_TOKEN)))
+            position += len(DEFAULT_IMAGE_TOKEN)
+        encoded = tokenizer(chunk, return_offsets_mapping=True)
+        piece, piece_offsets = list(encoded.input_ids), list(encoded.offset_mapping)
+        if i == 0:
+            adds_bos = bool(piece) and bos is not None and piece[0] == bos
+        if adds_bos and piece and piece[0] == bos:
+            piece, piece_offsets = piece[1:], piece_offsets[1:]
+        ids.extend(piece)
+        offsets.extend((position + a, position + b) for a, b in piece_offsets)
+        position += len(chunk)
+    if adds_bos:
+        ids.insert(0, bos)
+        offsets.insert(0, (0, 0))
+    return ids, offsets
 
 
 def get_model_name_from_path(model_path: str) -> str:

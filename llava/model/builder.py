@@ -30,7 +30,16 @@ from .multimodal_encoder.clip_encoder import load_clip_image_processor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_FORMATS", "CheckpointError", "detect_checkpoint_format", "load_llava_config", "load_pretrained_model"]
+__all__ = [
+    "CHECKPOINT_FORMATS",
+    "CheckpointError",
+    "detect_checkpoint_format",
+    "is_hf_llava",
+    "read_config",
+    "load_llava_config",
+    "load_pretrained_model",
+    "load_tokenizer",
+]
 
 CHECKPOINT_FORMATS = ("auto", "full", "lora", "projector", "hf")
 _SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -40,7 +49,7 @@ class CheckpointError(ValueError):
     """A checkpoint folder (or base + checkpoint pair) that cannot be loaded as asked."""
 
 
-def _read_config(path: str) -> dict:
+def read_config(path: str) -> dict:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{path} has no config.json")
@@ -51,7 +60,7 @@ def _read_config(path: str) -> dict:
             raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
 
 
-def _is_hf_llava(config: dict) -> bool:
+def is_hf_llava(config: dict) -> bool:
     return config.get("model_type") == "llava" and (
         "text_config" in config or "LlavaForConditionalGeneration" in config.get("architectures", [])
     )
@@ -73,8 +82,8 @@ def detect_checkpoint_format(model_path: str) -> str:
     """``lora``, ``hf``, ``full`` or ``projector`` from the files in ``model_path``."""
     if os.path.isfile(os.path.join(model_path, "adapter_config.json")):
         return "lora"
-    config = _read_config(model_path)
-    if _is_hf_llava(config):
+    config = read_config(model_path)
+    if is_hf_llava(config):
         return "hf"
     if _has_full_weights(model_path):
         return "full"
@@ -103,8 +112,8 @@ def load_llava_config(path: str, vision_tower: str | None = None, search_dirs: t
     """Read an upstream-style LLaVA ``config.json`` (``model_type`` ``llava_llama`` or the
     pre-2024 ``llava``) and resolve ``mm_vision_tower`` to a local folder when one exists
     beside the checkpoint (or in ``search_dirs``)."""
-    data = _read_config(path)
-    if _is_hf_llava(data):
+    data = read_config(path)
+    if is_hf_llava(data):
         raise CheckpointError(f"{path} is a llava-hf checkpoint; it is converted by load_pretrained_model")
     if data.get("model_type") not in ("llava_llama", "llava", "llama", None):
         raise CheckpointError(f"{path}: model_type {data.get('model_type')!r} is not a LLaVA-Llama config")
@@ -126,7 +135,7 @@ def load_llava_config(path: str, vision_tower: str | None = None, search_dirs: t
 
 
 def _check_same_shape(adapter_config: LlavaConfig, base_path: str, what: str) -> None:
-    base = _read_config(base_path)
+    base = read_config(base_path)
     base_text = base.get("text_config", base)
     mismatched = [
         f"{field}: {getattr(adapter_config, field)} vs base {base_text.get(field)}"
@@ -194,7 +203,7 @@ def _add_multimodal_tokens(tokenizer, model) -> None:
             model.resize_token_embeddings(len(tokenizer))
 
 
-def _load_tokenizer(*paths: str):
+def load_tokenizer(*paths: str):
     """The tokenizer of the first folder that has one, by the class its
     ``tokenizer_config.json`` names (``AutoTokenizer`` would let a ``model_type: llava``
     config pick a generic class that tokenises differently)."""
@@ -299,7 +308,7 @@ def load_pretrained_model(
         from .convert_hf import load_hf_llava
 
         model, image_processor_path = load_hf_llava(model_path, **load_kwargs), model_path
-        tokenizer = _load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path)
     else:
         search = (model_base,) if model_base else ()
         config = load_llava_config(model_path, vision_tower=vision_tower, search_dirs=search)
@@ -307,7 +316,7 @@ def load_pretrained_model(
             model = LlavaLlamaForCausalLM.from_pretrained(model_path, config=config, **load_kwargs)
         else:
             model = _load_on_base(layout, model_path, model_base, config, load_kwargs)
-        tokenizer = _load_tokenizer(model_path, model_base)
+        tokenizer = load_tokenizer(model_path, model_base)
         image_processor_path = model.get_vision_tower().vision_tower_name
     _add_multimodal_tokens(tokenizer, model)
     if not device.startswith("cuda") and not (load_8bit or load_4bit):
@@ -321,7 +330,7 @@ def load_pretrained_model(
 def _load_on_base(layout: str, model_path: str, model_base: str, config: LlavaConfig, load_kwargs: dict):
     what = "LoRA adapter" if layout == "lora" else "projector"
     _check_same_shape(config, model_base, what)
-    base_vocab = _read_config(model_base).get("vocab_size")
+    base_vocab = read_config(model_base).get("vocab_size")
     if base_vocab is not None and base_vocab != config.vocab_size:
         raise CheckpointError(
             f"the {what} at {model_path} expects a vocabulary of {config.vocab_size}, "

@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from llava.model.builder import _load_tokenizer
+from llava.model.builder import load_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -67,17 +67,17 @@ def test_folder_has_no_tokenizer_json(sp_folder):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_encodes_like_sentencepiece_with_bos(sp_folder, sentencepiece, text):
-    tokenizer = _load_tokenizer(str(sp_folder))
+    tokenizer = load_tokenizer(str(sp_folder))
     assert tokenizer(text).input_ids == [1] + sentencepiece.encode(text)
     assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
 
 
 def test_special_tokens_in_text_are_split_out_without_a_new_prefix(sp_folder, sentencepiece, sentencepiece_no_prefix):
-    tokenizer = _load_tokenizer(str(sp_folder))
+    tokenizer = load_tokenizer(str(sp_folder))
     ids = tokenizer("A cat.</s>USER: hi").input_ids
     assert ids == [1] + sentencepiece.encode("A cat.") + [2] + sentencepiece_no_prefix.encode("USER: hi")
 
 
 def test_missing_pad_token_falls_back_to_unk(sp_folder):
-    tokenizer = _load_tokenizer(str(sp_folder))
+    tokenizer = load_tokenizer(str(sp_folder))
     assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id == 0

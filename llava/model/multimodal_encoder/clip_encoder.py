@@ -56,9 +56,19 @@ class CLIPVisionTower(nn.Module):
         """Load the CLIP weights from ``vision_tower_name`` into this (already built) tower."""
         logger.info("loading vision tower weights from %s", self.vision_tower_name)
         pretrained = CLIPVisionModel.from_pretrained(self.vision_tower_name, dtype=self.dtype)
-        missing, unexpected = self.vision_tower.load_state_dict(pretrained.state_dict(), strict=False, assign=True)
-        if missing:
-            raise ValueError(f"vision tower {self.vision_tower_name} lacks weights: {missing[:5]}")
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            # both towers are partitioned: gather them, copy in place, re-partition
+            import deepspeed
+
+            params = list(pretrained.parameters()) + list(self.vision_tower.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                result = self.vision_tower.load_state_dict(pretrained.state_dict(), strict=False)
+        else:
+            result = self.vision_tower.load_state_dict(pretrained.state_dict(), strict=False, assign=True)
+        if result.missing_keys:
+            raise ValueError(f"vision tower {self.vision_tower_name} lacks weights: {result.missing_keys[:5]}")
         self.vision_tower.requires_grad_(False)
 
     def image_processor(self):

@@ -1,0 +1,127 @@
+"""Command-line arguments of ``llava.train.train``: upstream LLaVA's flag names plus ADSC's.
+
+Parsed with ``transformers.HfArgumentParser`` into four dataclasses; nothing is kept in
+module-level state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import transformers
+
+CURRICULA = ("reverse", "standard", "direct")
+DEFAULT_FACTORS = {"reverse": (0.8, 0.9, 1.0), "standard": (1.2, 1.1, 1.0), "direct": (1.0,)}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "LLaVA checkpoint to fine-tune (or a plain Llama with --vision_tower)"})
+    version: str = field(default="v1", metadata={"help": "conversation template: v1/vicuna_v1, llava_v1, plain"})
+    freeze_backbone: bool = field(default=False)
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "train the projector only (pre-training)"})
+    vision_tower: str | None = field(default=None, metadata={"help": "CLIP tower; default: the checkpoint's"})
+    mm_vision_select_layer: int = field(default=-2)
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "mm_projector.bin to start from"})
+    mm_projector_type: str = field(default="mlp2x_gelu")
+    mm_use_im_start_end: bool = field(default=False)
+    mm_use_im_patch_token: bool = field(default=False)
+    mm_patch_merge_type: str = field(default="flat")
+    mm_vision_select_feature: str = field(default="patch")
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "LLaVA JSON (list of samples) or JSON lines"})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "kept for upstream scripts; always lazy"})
+    is_multimodal: bool = field(default=True)
+    image_folder: str | None = field(default=None)
+    image_aspect_ratio: str = field(default="pad")
+    skip_missing_images: bool = field(
+        default=False, metadata={"help": "drop samples whose image file is missing (counted) instead of failing"}
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = field(default=None)
+    optim: str = field(default="adamw_torch")
+    remove_unused_columns: bool = field(default=False)
+    freeze_mm_mlp_adapter: bool = field(default=False)
+    mpt_attn_impl: str | None = field(default="triton", metadata={"help": "unused (upstream MPT flag)"})
+    model_max_length: int = field(default=2048, metadata={"help": "longest spliced sequence (text + image tokens)"})
+    double_quant: bool = field(default=True)
+    quant_type: str = field(default="nf4")
+    bits: int = field(default=16)
+    lora_enable: bool = field(default=False)
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_weight_path: str = field(default="")
+    lora_bias: str = field(default="none")
+    mm_projector_lr: float | None = field(default=None)
+    group_by_modality_length: bool = field(default=False)
+    # upstream scripts were written for transformers 4.x
+    warmup_ratio: float | None = field(default=None, metadata={"help": "alias of warmup_steps < 1 (a ratio)"})
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "alias of eval_strategy"})
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        super().__post_init__()
+
+
+@dataclass
+class AdscArguments:
+    prune_layers: str | None = field(
+        default=None, metadata={"help": "comma-separated 0-based decoder layers (default: 2,6,12,20 scaled to depth)"}
+    )
+    drop_ratio: float | None = field(default=None, metadata={"help": "target drop ratio (or --vision_token_budget)"})
+    vision_token_budget: float | None = field(
+        default=None, metadata={"help": "target average vision tokens over all layers (e.g. 192 of 576)"}
+    )
+    prune_selection: str = field(default="uniform_2d", metadata={"help": "uniform_2d or uniform_1d"})
+    curriculum: str = field(default="reverse", metadata={"help": "reverse (0.8,0.9,1.0), standard (1.2,1.1,1.0) or direct"})
+    curriculum_factors: str | None = field(default=None, metadata={"help": "budget multipliers per phase, e.g. 0.8,0.9,1.0"})
+    curriculum_phase_fractions: str | None = field(
+        default=None, metadata={"help": "share of the steps per phase (default: equal)"}
+    )
+    finetune_mode: str = field(default="lora", metadata={"help": "lora (LoRA on the LM + projector) or full"})
+
+    def layers(self) -> list[int] | None:
+        if self.prune_layers is None or self.prune_layers.strip() == "":
+            return None
+        try:
+            return [int(x) for x in self.prune_layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--prune_layers takes comma-separated integers, got {self.prune_layers!r}") from None
+
+    def factors(self) -> tuple[float, ...]:
+        if self.curriculum not in CURRICULA:
+            raise ValueError(f"--curriculum must be one of {CURRICULA}, got {self.curriculum!r}")
+        if self.curriculum_factors:
+            return tuple(float(x) for x in self.curriculum_factors.split(","))
+        return DEFAULT_FACTORS[self.curriculum]
+
+    def fractions(self) -> tuple[float, ...]:
+        count = len(self.factors())
+        if not self.curriculum_phase_fractions:
+            return tuple([1.0 / count] * count)
+        fractions = tuple(float(x) for x in self.curriculum_phase_fractions.split(","))
+        if len(fractions) != count or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(
+                f"--curriculum_phase_fractions needs {count} positive shares summing to 1, got {fractions}"
+            )
+        return fractions
+
+    def validate(self) -> None:
+        if self.finetune_mode not in ("lora", "full"):
+            raise ValueError(f"--finetune_mode must be lora or full, got {self.finetune_mode!r}")
+        if self.drop_ratio is not None and self.vision_token_budget is not None:
+            raise ValueError("give --drop_ratio or --vision_token_budget, not both")
+        self.layers()
+        self.fractions()

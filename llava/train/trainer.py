@@ -1,0 +1,165 @@
+"""``LLaVATrainer``: the projector's own learning rate, modality-grouped batches, budget logging,
+and the atomic writing of the training output in upstream's layout."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from torch.utils.data import Sampler
+from transformers import Trainer
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LLaVATrainer", "ModalityLengthGroupedSampler", "save_training_output"]
+
+
+def _modality_grouped_indices(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
+    """Full batches never mix image and text-only samples; within a modality, similar
+    lengths share a batch; batch order is shuffled. The two modalities' leftovers (fewer
+    than a batch each) form the last batch."""
+    image = [i for i, n in enumerate(lengths) if n > 0]
+    text = [i for i, n in enumerate(lengths) if n <= 0]
+    batches, leftover = [], []
+    for group in (image, text):
+        if not group:
+            continue
+        order = get_length_grouped_indices([abs(lengths[i]) for i in group], batch_size, generator=generator)
+        ordered = [group[i] for i in order]
+        full = len(ordered) - len(ordered) % batch_size
+        batches += [ordered[i : i + batch_size] for i in range(0, full, batch_size)]
+        leftover += ordered[full:]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [index for b in shuffled for index in batches[b]] + leftover
+
+
+class ModalityLengthGroupedSampler(Sampler):
+    """Upstream's ``--group_by_modality_length``: grouping keys are positive for samples
+    with an image and negative for text-only ones."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(_modality_grouped_indices(self.lengths, self.batch_size, generator))
+
+
+class LLaVATrainer(Trainer):
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(self.args, "group_by_modality_length", False) and hasattr(dataset, "modality_lengths"):
+            batch = self.args.train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+            return ModalityLengthGroupedSampler(dataset.modality_lengths, batch, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def create_optimizer(self, model=None):
+        """Adam groups as the Trainer's, with projector parameters at ``--mm_projector_lr``."""
+        projector_lr = getattr(self.args, "mm_projector_lr", None)
+        if projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = {}
+        for name, param in opt_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            key = ("mm_projector" in name, name in decay)
+            groups.setdefault(key, []).append(param)
+        param_groups = []
+        for (is_projector, has_decay), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if has_decay else 0.0}
+            if is_projector:
+                group["lr"] = projector_lr
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def log(self, logs: dict, start_time=None) -> None:
+        config = getattr(self.model, "config", None)
+        if config is not None and getattr(config, "prune_layers", None) and "loss" in logs:
+            budget = getattr(config, "vision_token_budget", None)
+            if budget is not None:
+                logs["vision_token_budget"] = round(float(budget), 4)
+            logs["drop_ratio"] = round(float(config.drop_ratio), 6)
+        super().log(logs, start_time)
+
+
+def _state_dict(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The trained weights on the CPU, gathered from DeepSpeed ZeRO-3 shards if needed."""
+    if trainer.is_deepspeed_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.deepspeed)
+    else:
+        state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _move_into(source_dir: str, output_dir: str) -> None:
+    """Move every file of ``source_dir`` into ``output_dir``, each with an atomic rename."""
+    for name in os.listdir(source_dir):
+        os.replace(os.path.join(source_dir, name), os.path.join(output_dir, name))
+
+
+def save_training_output(trainer: Trainer, llava_model, tokenizer, mode: str) -> None:
+    """Write the final model to ``args.output_dir`` so that ``load_pretrained_model`` reads it.
+
+    * ``lora``: ``adapter_config.json`` + ``adapter_model.safetensors``, the projector in
+      ``non_lora_trainables.bin`` (keys ``base_model.model.model.mm_projector.*``), the
+      config (with the ADSC fields) and the tokenizer; load with ``model_base``.
+    * ``full``: a complete checkpoint.
+    * ``projector``: ``mm_projector.bin`` and the config; load with ``model_base``.
+
+    Files are written to a scratch folder beside the output and moved in one by one with
+    ``os.replace``, so a crash never leaves a half-written file under its final name.
+    """
+    args = trainer.args
+    state = _state_dict(trainer)
+    if not args.should_save:
+        return
+    os.makedirs(args.output_dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if mode == "lora":
+            model.save_pretrained(scratch, state_dict=state)  # PEFT keeps the adapter's part
+            projector = {
+                f"base_model.model.{_plain_name(k)}": v
+                for k, v in state.items()
+                if "mm_projector" in k and "original_module" not in k
+            }
+            torch.save(projector, os.path.join(scratch, "non_lora_trainables.bin"))
+            llava_model.config.save_pretrained(scratch)
+        elif mode == "projector":
+            projector = {_plain_name(k): v for k, v in state.items() if "mm_projector" in k}
+            torch.save(projector, os.path.join(scratch, "mm_projector.bin"))
+            llava_model.config.save_pretrained(scratch)
+        else:
+            llava_model.save_pretrained(scratch, state_dict=state)
+        tokenizer.save_pretrained(scratch)
+        _move_into(scratch, args.output_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("saved the %s output to %s", mode, args.output_dir)
+
+
+def _plain_name(key: str) -> str:
+    """``base_model.model.model.mm_projector.modules_to_save.default.0.weight`` ->
+    ``model.mm_projector.0.weight``."""
+    if key.startswith("base_model.model."):
+        key = key[len("base_model.model."):]
+    return key.replace(".modules_to_save.default", "")
+
