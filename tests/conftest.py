@@ -54,3 +54,15 @@ def random_images():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def oracles_dir(tmp_path_factory) -> str:
+    """The scorer oracles (tests/data/oracles.tar.gz), extracted: ``<dir>/mme``, ``<dir>/pope``."""
+    import tarfile
+
+    target = tmp_path_factory.mktemp("oracles")
+    archive = os.path.join(os.path.dirname(__file__), "data", "oracles.tar.gz")
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
+    return str(target / "oracles")
