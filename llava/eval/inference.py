@@ -1,0 +1,321 @@
+"""The benchmark inference loop shared by ``model_vqa_loader`` and ``model_vqa_science``.
+
+* Upstream's flags and answer-file format (``question_id``, ``prompt``, ``text``,
+  ``answer_id``, ``model_id``, ``metadata``), batched generation (left padding), any
+  pruning setting, a progress bar.
+* Resume: rerunning with the same answers file appends only the questions not answered
+  yet (a question is known by its ``question_id`` and prompt, since MME repeats ids).
+  Answers are appended a batch at a time and flushed to disk; a line cut short by a crash is
+  dropped (and the file rewritten atomically) by the next run.
+* Each answers file gets ``<answers>.settings.json`` beside it: model, generation
+  parameters, pruning schedule and average vision tokens. A rerun with other settings is
+  refused instead of mixing answers of two configurations in one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from ..conversation import get_conv_template
+from ..mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
+from ..model.builder import load_pretrained_model
+from .io import EvalInputError, write_json_atomic
+from .pruning_args import add_pruning_args, apply_pruning_args
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalQuestion", "AnswerFile", "add_inference_args", "get_chunk", "run_inference", "main_with_questions"]
+
+
+@dataclass
+class EvalQuestion:
+    """One benchmark question.
+
+    ``question_id`` and ``prompt`` go to the answer file as upstream writes them; ``query``
+    is the user turn without the image marker; ``image`` is a path relative to the image
+    folder, or ``None`` for text-only questions.
+    """
+
+    question_id: object
+    prompt: str
+    query: str
+    image: str | None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.question_id, self.prompt])
+
+
+def get_chunk(items: list, num_chunks: int, chunk_idx: int) -> list:
+    """Contiguous chunk ``chunk_idx`` of ``num_chunks``, each ``ceil(n / num_chunks)`` long."""
+    if num_chunks < 1 or not 0 <= chunk_idx < num_chunks:
+        raise ValueError(f"--chunk-idx {chunk_idx} is not in [0, --num-chunks {num_chunks})")
+    size = math.ceil(len(items) / num_chunks)
+    return items[chunk_idx * size : (chunk_idx + 1) * size]
+
+
+class AnswerFile:
+    """An answers file that can be resumed and never holds a broken line."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.settings_path = path + ".settings.json"
+        self.done: set[str] = set()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if os.path.exists(path):
+            self._load_and_repair()
+
+    def _load_and_repair(self) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        good, broken = [], 0
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number < len(lines) - 1:
+                    raise EvalInputError(f"{self.path}:{number} is corrupt (not the last line): fix or remove the file")
+                broken += 1
+                continue
+            good.append(line)
+            self.done.add(json.dumps([record["question_id"], record["prompt"]]))
+        if broken:
+            logger.warning("%s: dropping a line cut short by an interrupted run", self.path)
+            tmp = self.path + ".repair"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in good))
+            os.replace(tmp, self.path)
+
+    def check_settings(self, settings: dict) -> None:
+        """Refuse to mix answers produced under different settings in one file."""
+        if not self.done or not os.path.exists(self.settings_path):
+            return
+        with open(self.settings_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        keys = ("model_path", "model_base", "conv_mode", "generation", "pruning", "question_file")
+        changed = [k for k in keys if previous.get(k) != settings.get(k)]
+        if changed:
+            raise EvalInputError(
+                f"{self.path} already holds {len(self.done)} answers made with other settings ({', '.join(changed)} "
+                "differ); use another --answers-file or delete it"
+            )
+
+    def append(self, records: list[dict]) -> None:
+        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            self.done.add(json.dumps([r["question_id"], r["prompt"]]))
+
+
+class _QuestionDataset(Dataset):
+    def __init__(self, questions, tokenizer, image_processor, model_config, image_folder, conv_mode):
+        self.questions = questions
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.model_config = model_config
+        self.image_folder = image_folder
+        self.conv_mode = conv_mode
+
+    def __len__(self):
+        return len(self.questions)
+
+    def __getitem__(self, index):
+        question = self.questions[index]
+        query = question.query
+        pixels = None
+        if question.image is not None:
+            image_token = DEFAULT_IMAGE_TOKEN
+            if getattr(self.model_config, "mm_use_im_start_end", False):
+                image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+            query = f"{image_token}\n{query}"
+            image = load_image(os.path.join(self.image_folder, question.image))
+            pixels = process_images([image], self.image_processor, self.model_config)[0]
+        conv = get_conv_template(self.conv_mode)
+        conv.append_message(conv.roles[0], query)
+        conv.append_message(conv.roles[1], None)
+        ids = tokenizer_image_token(conv.get_prompt(), self.tokenizer, return_tensors="pt")
+        return index, ids, pixels
+
+
+def _collate_left(pad_token_id):
+    def collate(items):
+        indices = [i for i, _, _ in items]
+        length = max(len(ids) for _, ids, _ in items)
+        input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(items), length, dtype=torch.long)
+        for row, (_, ids, _) in enumerate(items):
+            input_ids[row, length - len(ids):] = ids
+            mask[row, length - len(ids):] = 1
+        pixels = [p for _, _, p in items if p is not None]
+        return indices, input_ids, mask, torch.stack(pixels) if pixels else None
+
+    return collate
+
+
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--model-base", default=None)
+    parser.add_argument("--image-folder", default="")
+    parser.add_argument("--question-file", required=True)
+    parser.add_argument("--answers-file", required=True)
+    parser.add_argument("--conv-mode", default=None, help="default: the checkpoint's conv_mode, else vicuna_v1")
+    parser.add_argument("--num-chunks", type=int, default=1)
+    parser.add_argument("--chunk-idx", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
+    parser.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (left-padded)")
+    parser.add_argument("--num-workers", type=int, default=2, help="image-loading workers")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--attn-implementation", default=None, choices=[None, "eager", "sdpa", "flash_attention_2"])
+    parser.add_argument("--on-missing-image", choices=["error", "record"], default="error",
+                        help="error: stop before generating; record: answer '' with the error in metadata")
+    add_pruning_args(parser)
+
+
+def _settings(args, model, model_name, conv_mode, schedule, n_questions) -> dict:
+    import transformers
+
+    pruning = {
+        "prune_layers": list(model.config.prune_layers),
+        "drop_ratio": model.config.drop_ratio,
+        "vision_token_budget": model.config.vision_token_budget,
+        "selection": model.config.prune_selection,
+    }
+    if schedule is not None:
+        pruning.update(
+            vision_tokens_per_stage=list(schedule.stage_tokens),
+            average_vision_tokens=schedule.average_tokens,
+            vision_tokens_per_layer=list(schedule.tokens_per_layer),
+        )
+    return {
+        "model_path": args.model_path,
+        "model_base": args.model_base,
+        "model_id": model_name,
+        "question_file": os.path.abspath(args.question_file),
+        "chunk": [args.chunk_idx, args.num_chunks],
+        "questions_in_chunk": n_questions,
+        "conv_mode": conv_mode,
+        "generation": {
+            "temperature": args.temperature, "top_p": args.top_p, "num_beams": args.num_beams,
+            "max_new_tokens": args.max_new_tokens,
+        },
+        "pruning": pruning,
+        "batch_size": args.batch_size,
+        "device": str(model.device),
+        "dtype": str(model.dtype),
+        "attn_implementation": model.config._attn_implementation,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def _missing_images(questions: list[EvalQuestion], image_folder: str) -> list[tuple[EvalQuestion, str]]:
+    return [
+        (q, os.path.join(image_folder, q.image))
+        for q in questions
+        if q.image is not None and not os.path.isfile(os.path.join(image_folder, q.image))
+    ]
+
+
+def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> str:
+    """Answer ``questions`` (this chunk's share) into ``args.answers_file``; returns its path."""
+    questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
+    answers = AnswerFile(args.answers_file)
+    pending = [q for q in questions if q.key not in answers.done]
+    missing = _missing_images(pending, args.image_folder)
+    if missing and args.on_missing_image == "error":
+        shown = "; ".join(f"question {q.question_id!r}: {path}" for q, path in missing[:5])
+        raise EvalInputError(f"{len(missing)} image(s) not found, e.g. {shown} (check --image-folder)")
+
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, device=args.device, attn_implementation=args.attn_implementation
+    )
+    schedule = apply_pruning_args(model, args)
+    model_name = get_model_name_from_path(args.model_path)
+    conv_mode = args.conv_mode or model.config.conv_mode or "vicuna_v1"
+    settings = _settings(args, model, model_name, conv_mode, schedule, len(questions))
+    answers.check_settings(settings)
+    settings["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_json_atomic(answers.settings_path, settings)
+    if len(pending) < len(questions):
+        logger.info("resuming: %d of %d questions already answered", len(questions) - len(pending), len(questions))
+
+    records = []
+    missing_ids = {q.key for q, _ in missing}
+    for question, path in missing:  # --on-missing-image record
+        records.append(_record(question, "", model_name, {"error": f"image not found: {path}"}))
+    if records:
+        answers.append(records)
+    runnable = [q for q in pending if q.key not in missing_ids]
+    dataset = _QuestionDataset(runnable, tokenizer, image_processor, model.config, args.image_folder, conv_mode)
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+        collate_fn=_collate_left(tokenizer.pad_token_id),
+    )
+    generation = dict(
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else None,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    with tqdm(total=len(runnable), desc=os.path.basename(args.answers_file), unit="q") as progress:
+        for indices, input_ids, mask, pixels in loader:
+            input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+            if pixels is not None:
+                pixels = pixels.to(model.device, dtype=model.dtype)
+            with torch.inference_mode():
+                output_ids = model.generate(input_ids, images=pixels, attention_mask=mask, **generation)
+            texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+            answers.append([_record(runnable[i], t.strip(), model_name) for i, t in zip(indices, texts)])
+            progress.update(len(indices))
+
+    settings["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    settings["answered"] = len([q for q in questions if q.key in answers.done])
+    write_json_atomic(answers.settings_path, settings)
+    return args.answers_file
+
+
+def _record(question: EvalQuestion, text: str, model_name: str, metadata: dict | None = None) -> dict:
+    # Deterministic, so that a resumed run writes the same file as an uninterrupted one.
+    answer_id = hashlib.sha1(f"{model_name}\n{question.key}\n{text}".encode()).hexdigest()[:22]
+    return {
+        "question_id": question.question_id,
+        "prompt": question.prompt,
+        "text": text,
+        "answer_id": answer_id,
+        "model_id": model_name,
+        "metadata": {**question.metadata, **(metadata or {})},
+    }
+
+
+def main_with_questions(description: str, load_questions, extra_args=None, argv=None) -> str:
+    """Command-line entry shared by the two loaders: parse, read questions, run."""
+    parser = argparse.ArgumentParser(description=description)
+    add_inference_args(parser)
+    if extra_args:
+        extra_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_inference(args, load_questions(args))

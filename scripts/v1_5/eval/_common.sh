@@ -1,0 +1,81 @@
+# Sourced by the benchmark scripts in this folder (upstream's playground/data/eval layout).
+#
+# Environment (all optional):
+#   MODEL_PATH   checkpoint to evaluate                    liuhaotian/llava-v1.5-7b
+#   MODEL_BASE   base model for LoRA / projector outputs  (unset)
+#   CKPT         name of the answers folder               basename of MODEL_PATH (+ -budgetN / -ratioR)
+#   EVAL_DIR     benchmark data root                      ./playground/data/eval
+#   CONV_MODE    conversation template                    vicuna_v1
+#   BATCH_SIZE   prompts per generate call                8 with CUDA, 4 on the CPU
+#   PRUNE_LAYERS, VISION_TOKEN_BUDGET or DROP_RATIO, PRUNE_SELECTION, NO_PRUNING=1
+#                pruning at evaluation (default: the checkpoint's own schedule)
+#   EXTRA_ARGS   appended to every inference command
+#   CUDA_VISIBLE_DEVICES   one chunk per listed GPU; with no GPU, one chunk on the CPU
+set -euo pipefail
+
+MODEL_PATH="${MODEL_PATH:-liuhaotian/llava-v1.5-7b}"
+EVAL_DIR="${EVAL_DIR:-./playground/data/eval}"
+CONV_MODE="${CONV_MODE:-vicuna_v1}"
+SUFFIX=""
+[ -n "${VISION_TOKEN_BUDGET:-}" ] && SUFFIX="-budget${VISION_TOKEN_BUDGET}"
+[ -n "${DROP_RATIO:-}" ] && SUFFIX="-ratio${DROP_RATIO}"
+[ -n "${NO_PRUNING:-}" ] && SUFFIX="-full"
+CKPT="${CKPT:-$(basename "${MODEL_PATH%/}")${SUFFIX}}"
+
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  IFS=',' read -ra GPULIST <<< "$CUDA_VISIBLE_DEVICES"
+else
+  n_gpus="$(python -c 'import torch; print(torch.cuda.device_count())')"
+  GPULIST=()
+  for ((i = 0; i < n_gpus; i++)); do GPULIST+=("$i"); done
+fi
+if [ "${#GPULIST[@]}" -gt 0 ]; then
+  CHUNKS=${#GPULIST[@]}
+  BATCH_SIZE="${BATCH_SIZE:-8}"
+else
+  CHUNKS=1
+  BATCH_SIZE="${BATCH_SIZE:-4}"
+fi
+
+COMMON_ARGS=(--model-path "$MODEL_PATH" --conv-mode "$CONV_MODE" --temperature 0 --batch-size "$BATCH_SIZE")
+[ -n "${MODEL_BASE:-}" ] && COMMON_ARGS+=(--model-base "$MODEL_BASE")
+[ -n "${PRUNE_LAYERS:-}" ] && COMMON_ARGS+=(--prune-layers "$PRUNE_LAYERS")
+[ -n "${VISION_TOKEN_BUDGET:-}" ] && COMMON_ARGS+=(--vision-token-budget "$VISION_TOKEN_BUDGET")
+[ -n "${DROP_RATIO:-}" ] && COMMON_ARGS+=(--drop-ratio "$DROP_RATIO")
+[ -n "${PRUNE_SELECTION:-}" ] && COMMON_ARGS+=(--prune-selection "$PRUNE_SELECTION")
+[ -n "${NO_PRUNING:-}" ] && COMMON_ARGS+=(--no-pruning)
+# shellcheck disable=SC2206
+COMMON_ARGS+=(${EXTRA_ARGS:-})
+
+# run_chunks MODULE ANSWER_DIR [inference args...]
+# Runs one chunk per GPU (or one on the CPU), stops on any failure, and merges the chunks
+# into ANSWER_DIR/merge.jsonl (with the first chunk's settings beside it).
+run_chunks() {
+  local module="$1" answer_dir="$2"
+  shift 2
+  mkdir -p "$answer_dir"
+  local pids=() idx
+  for ((idx = 0; idx < CHUNKS; idx++)); do
+    local device_args=(--device cpu)
+    local env_gpu=()
+    if [ "${#GPULIST[@]}" -gt 0 ]; then
+      device_args=(--device cuda)
+      env_gpu=(env "CUDA_VISIBLE_DEVICES=${GPULIST[$idx]}")
+    fi
+    "${env_gpu[@]}" python -m "$module" "$@" "${COMMON_ARGS[@]}" "${device_args[@]}" \
+      --answers-file "$answer_dir/${CHUNKS}_${idx}.jsonl" --num-chunks "$CHUNKS" --chunk-idx "$idx" &
+    pids+=($!)
+  done
+  local failed=0 pid
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  if [ "$failed" -ne 0 ]; then
+    echo "inference failed; rerun to resume the unfinished chunks" >&2
+    exit 1
+  fi
+  local merged="$answer_dir/merge.jsonl"
+  : > "$merged.tmp"
+  for ((idx = 0; idx < CHUNKS; idx++)); do cat "$answer_dir/${CHUNKS}_${idx}.jsonl" >> "$merged.tmp"; done
+  mv "$merged.tmp" "$merged"
+  cp "$answer_dir/${CHUNKS}_0.jsonl.settings.json" "$merged.settings.json"
+  echo "answers: $merged"
+}
