@@ -65,21 +65,23 @@ def _gqa(root: str, n: int, rng: random.Random) -> None:
 
 
 def _mme(root: str, n: int, rng: random.Random) -> None:
+    """One image (two questions) per subtask: the scorer needs all 14."""
+    from llava.eval.eval_mme import COGNITION, PERCEPTION
+
     base = f"{root}/MME/MME_Benchmark_release_version"
     questions = []
-    for category in ("existence", "color", "commonsense_reasoning"):
-        for i in range(max(1, n // 2)):
-            name = f"{i:04d}.png"
-            colour, shape = _image(f"{base}/{category}/{name}", rng)
-            other = next(c for c in sorted(COLOURS) if c != colour)
-            pairs = [(f"Is there a {colour} {shape} in this image?", "Yes"),
-                     (f"Is there a {other} {shape} in this image?", "No")]
-            with open(f"{base}/{category}/{i:04d}.txt", "w") as f:
-                for question, answer in pairs:
-                    f.write(f"{question} Please answer yes or no.\t{answer}\n")
-            for question, _ in pairs:
-                questions.append({"question_id": f"{category}/{name}", "image": f"{category}/{name}",
-                                  "text": question + SHORT, "category": category})
+    for category in PERCEPTION + COGNITION:
+        name = "0001.png"
+        colour, shape = _image(f"{base}/{category}/{name}", rng)
+        other = next(c for c in sorted(COLOURS) if c != colour)
+        pairs = [(f"Is there a {colour} {shape} in this image?", "Yes"),
+                 (f"Is there a {other} {shape} in this image?", "No")]
+        with open(f"{base}/{category}/0001.txt", "w") as f:
+            for question, answer in pairs:
+                f.write(f"{question} Please answer yes or no.\t{answer}\n")
+        for question, _ in pairs:
+            questions.append({"question_id": f"{category}/{name}", "image": f"{category}/{name}",
+                              "text": question + SHORT, "category": category})
     _write_jsonl(f"{root}/MME/llava_mme.jsonl", questions)
 
 

@@ -10,7 +10,8 @@
 #   PRUNE_LAYERS, VISION_TOKEN_BUDGET or DROP_RATIO, PRUNE_SELECTION, NO_PRUNING=1
 #                pruning at evaluation (default: the checkpoint's own schedule)
 #   EXTRA_ARGS   appended to every inference command
-#   CUDA_VISIBLE_DEVICES   one chunk per listed GPU; with no GPU, one chunk on the CPU
+#   CUDA_VISIBLE_DEVICES   one chunk per listed GPU
+#   CHUNKS       without a GPU: CPU processes, each on a contiguous chunk     1
 set -euo pipefail
 
 MODEL_PATH="${MODEL_PATH:-liuhaotian/llava-v1.5-7b}"
@@ -33,7 +34,7 @@ if [ "${#GPULIST[@]}" -gt 0 ]; then
   CHUNKS=${#GPULIST[@]}
   BATCH_SIZE="${BATCH_SIZE:-8}"
 else
-  CHUNKS=1
+  CHUNKS="${CHUNKS:-1}"
   BATCH_SIZE="${BATCH_SIZE:-4}"
 fi
 
