@@ -10,7 +10,10 @@ import json
 import os
 from typing import Any, Iterable
 
-__all__ = ["EvalInputError", "read_jsonl", "read_json", "write_json_atomic", "join_by_question_id"]
+__all__ = [
+    "EvalInputError", "read_jsonl", "read_json", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic",
+    "join_by_question_id",
+]
 
 
 class EvalInputError(ValueError):
@@ -43,15 +46,24 @@ def read_json(path: str) -> Any:
             raise EvalInputError(f"{path} is not valid JSON: {error}") from error
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """``obj`` as indented JSON, written atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
+    """One JSON object per line, written atomically."""
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def _preview(ids: list) -> str:

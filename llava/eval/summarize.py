@@ -36,7 +36,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .io import EvalInputError, read_json, write_json_atomic
+from .io import EvalInputError, read_json, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -195,10 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     markdown = format_markdown(table)
     print(markdown)
     if args.output_md:
-        tmp = f"{args.output_md}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(markdown)
-        os.replace(tmp, args.output_md)
+        write_text_atomic(args.output_md, markdown)
     if args.output_json:
         write_json_atomic(args.output_json, {**table, "markdown": markdown})
     return table

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+from typing import Sequence
 
 import torch
 
@@ -46,16 +47,18 @@ _CORPUS = [
 ]
 
 
-def train_tiny_tokenizer(out_dir: str, vocab_size: int = 512) -> int:
+def train_tiny_tokenizer(out_dir: str, vocab_size: int = 512, extra_text: Sequence[str] = (),
+                         split_digits: bool = True) -> int:
     """Train a Llama-style sentencepiece BPE model into ``out_dir/tokenizer.model``.
 
     Same settings as Llama's tokenizer (byte fallback, split digits, dummy prefix, ids
-    unk=0, bos=1, eos=2), deterministic. Writes ``tokenizer_config.json`` as LLaVA-1.5
-    ships it. Returns the vocabulary size.
+    unk=0, bos=1, eos=2), deterministic. ``extra_text`` joins the built-in corpus;
+    ``split_digits=False`` lets " 7" become one token. Writes ``tokenizer_config.json`` as
+    LLaVA-1.5 ships it. Returns the vocabulary size.
     """
     import sentencepiece as spm
 
-    corpus = "\n".join(_CORPUS * 20)
+    corpus = "\n".join((_CORPUS + list(extra_text)) * 20)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus.splitlines()),
@@ -63,7 +66,7 @@ def train_tiny_tokenizer(out_dir: str, vocab_size: int = 512) -> int:
         vocab_size=vocab_size,
         model_type="bpe",
         byte_fallback=True,
-        split_digits=True,
+        split_digits=split_digits,
         character_coverage=1.0,
         add_dummy_prefix=True,
         remove_extra_whitespaces=False,

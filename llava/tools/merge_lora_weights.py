@@ -1,6 +1,7 @@
 """Merge a LoRA training output into a complete checkpoint (upstream's script, same flags).
 
     python scripts/merge_lora_weights.py --model-path OUT --model-base BASE --save-model-path MERGED
+    python -m llava.tools.merge_lora_weights ...   (the same)
 
 The merged folder is written beside its destination and renamed into place at the end, so
 an interrupted merge never leaves a half-written checkpoint under the final name.
@@ -18,8 +19,9 @@ from llava.model.builder import load_pretrained_model
 
 
 def merge_lora(model_path: str, model_base: str, save_model_path: str) -> str:
+    """Load ``model_path`` (a LoRA output) on ``model_base``, merge, save; returns the path."""
     if os.path.exists(save_model_path) and os.listdir(save_model_path):
-        raise SystemExit(f"error: {save_model_path} exists and is not empty")
+        raise FileExistsError(f"{save_model_path} exists and is not empty")
     tokenizer, model, _, _ = load_pretrained_model(model_path, model_base, device="cpu", checkpoint_format="lora")
     parent = os.path.dirname(os.path.abspath(save_model_path))
     os.makedirs(parent, exist_ok=True)
@@ -42,7 +44,10 @@ def main(argv=None) -> None:
     parser.add_argument("--save-model-path", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(merge_lora(args.model_path, args.model_base, args.save_model_path))
+    try:
+        print(merge_lora(args.model_path, args.model_base, args.save_model_path))
+    except FileExistsError as error:
+        raise SystemExit(f"error: {error}") from error
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import transformers
 
-CURRICULA = ("reverse", "standard", "direct")
-DEFAULT_FACTORS = {"reverse": (0.8, 0.9, 1.0), "standard": (1.2, 1.1, 1.0), "direct": (1.0,)}
+CURRICULA = ("reverse", "standard", "direct", "none")
+DEFAULT_FACTORS = {"reverse": (0.8, 0.9, 1.0), "standard": (1.2, 1.1, 1.0), "direct": (1.0,), "none": ()}
 
 
 @dataclass
@@ -85,7 +85,10 @@ class AdscArguments:
         default=None, metadata={"help": "target average vision tokens over all layers (e.g. 192 of 576)"}
     )
     prune_selection: str = field(default="uniform_2d", metadata={"help": "uniform_2d or uniform_1d"})
-    curriculum: str = field(default="reverse", metadata={"help": "reverse (0.8,0.9,1.0), standard (1.2,1.1,1.0) or direct"})
+    curriculum: str = field(
+        default="reverse",
+        metadata={"help": "reverse (0.8,0.9,1.0), standard (1.2,1.1,1.0), direct, or none (train on all tokens)"},
+    )
     curriculum_factors: str | None = field(default=None, metadata={"help": "budget multipliers per phase, e.g. 0.8,0.9,1.0"})
     curriculum_phase_fractions: str | None = field(
         default=None, metadata={"help": "share of the steps per phase (default: equal)"}
@@ -109,6 +112,8 @@ class AdscArguments:
 
     def fractions(self) -> tuple[float, ...]:
         count = len(self.factors())
+        if count == 0:
+            return ()
         if not self.curriculum_phase_fractions:
             return tuple([1.0 / count] * count)
         fractions = tuple(float(x) for x in self.curriculum_phase_fractions.split(","))
@@ -123,5 +128,7 @@ class AdscArguments:
             raise ValueError(f"--finetune_mode must be lora or full, got {self.finetune_mode!r}")
         if self.drop_ratio is not None and self.vision_token_budget is not None:
             raise ValueError("give --drop_ratio or --vision_token_budget, not both")
+        if self.curriculum == "none" and (self.drop_ratio or self.vision_token_budget or self.curriculum_factors):
+            raise ValueError("--curriculum none trains on all vision tokens: drop the pruning target flags")
         self.layers()
         self.fractions()

@@ -179,19 +179,23 @@ def run_training(argv=None) -> TrainingResult:
     config.prune_selection = adsc.prune_selection
 
     tower = model.get_vision_tower()
-    layers = adsc.layers() or list(config.prune_layers) or list(default_prune_layers(config.num_hidden_layers))
-    target = _target_budget(model, adsc, layers)
     factors, fractions = adsc.factors(), adsc.fractions()
+    if factors:
+        layers = adsc.layers() or list(config.prune_layers) or list(default_prune_layers(config.num_hidden_layers))
+        target = _target_budget(model, adsc, layers)
 
-    def plan(total_steps: int):
-        return plan_curriculum(target, factors, fractions, total_steps, config.num_hidden_layers,
-                               tower.num_patches, layers)
+        def plan(total_steps: int):
+            return plan_curriculum(target, factors, fractions, total_steps, config.num_hidden_layers,
+                                   tower.num_patches, layers)
 
-    try:  # solve every phase now: an infeasible budget fails before any data is read
-        budgets = [f"{p.budget:.2f} (average {p.schedule.average_tokens:.2f})" for p in plan(len(factors))]
-    except ScheduleError as error:
-        raise ScheduleError(f"the curriculum's budgets are infeasible for this model: {error}") from error
-    logger.info("%s curriculum over prune layers %s: budgets %s", adsc.curriculum, layers, ", ".join(budgets))
+        try:  # solve every phase now: an infeasible budget fails before any data is read
+            budgets = [f"{p.budget:.2f} (average {p.schedule.average_tokens:.2f})" for p in plan(len(factors))]
+        except ScheduleError as error:
+            raise ScheduleError(f"the curriculum's budgets are infeasible for this model: {error}") from error
+        logger.info("%s curriculum over prune layers %s: budgets %s", adsc.curriculum, layers, ", ".join(budgets))
+    else:
+        model.configure_pruning(prune_layers=[], drop_ratio=0.0)
+        logger.info("no curriculum: training on all vision tokens")
 
     dataset = LazySupervisedDataset(
         data_args.data_path, tokenizer, model_args.version, data_args.image_folder,
@@ -199,29 +203,32 @@ def run_training(argv=None) -> TrainingResult:
         max_length=training_args.model_max_length, skip_missing_images=data_args.skip_missing_images,
     )
     trained, mode = _set_trainable(model, adsc, model_args, training_args)
-    curriculum = CurriculumCallback(model, plan)
+    curriculum = CurriculumCallback(model, plan) if factors else None
     trainer = LLaVATrainer(
         model=trained,
         args=training_args,
         train_dataset=dataset,
         data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
-        callbacks=[curriculum],
+        callbacks=[curriculum] if curriculum else None,
     )
     resume = training_args.resume_from_checkpoint
     if resume is None and list(pathlib.Path(training_args.output_dir).glob("checkpoint-*")):
         resume = True
     trainer.train(resume_from_checkpoint=resume)
 
-    final = model.configure_pruning(prune_layers=layers, vision_token_budget=target)
-    config.vision_token_budget = target
+    if factors:
+        final = model.configure_pruning(prune_layers=layers, vision_token_budget=target)
+        config.vision_token_budget = target
+    else:
+        final = model.vision_schedule()
     config.use_cache = True
     save_training_output(trainer, model, tokenizer, mode)
     if training_args.should_save:
         summary = {
             "mode": mode,
-            "target_budget": target,
+            "target_budget": config.vision_token_budget,
             "final_schedule": final.describe(),
-            "curriculum": [p.describe(len(factors)) for p in curriculum.phases],
+            "curriculum": [p.describe(len(factors)) for p in curriculum.phases] if curriculum else [],
             "steps": trainer.state.global_step,
             "train_loss": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         }

@@ -148,6 +148,28 @@ def test_full_mode_trains_the_language_model_but_not_the_tower(tmp_path, tiny_de
                        after["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_curriculum_none_trains_on_all_tokens(tmp_path, tiny_deep_dir, tiny_data):
+    argv = ["--finetune_mode", "full", "--curriculum", "none", "--prune_layers", "", "--vision_token_budget", "36"]
+    with pytest.raises(ValueError, match="--curriculum none trains on all vision tokens"):
+        _train_in_process(tmp_path, tiny_deep_dir, tiny_data, *argv)
+    argv = ["--finetune_mode", "full", "--curriculum", "none"]
+    result = _train_in_process_without_target(tmp_path, tiny_deep_dir, tiny_data, *argv)
+    assert result.model.config.prune_layers == [] and not result.model.vision_schedule().enabled
+    assert result.model.pruning_trace is None  # no pruned forward ran during training
+    summary = json.loads((tmp_path / "out" / "adsc_training.json").read_text())
+    assert summary["curriculum"] == [] and len(summary["train_loss"]) == 3
+
+
+def _train_in_process_without_target(tmp_path, model_dir, data_dir, *extra):
+    argv = [
+        "--model_name_or_path", model_dir, "--data_path", os.path.join(data_dir, "data.json"),
+        "--image_folder", data_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--use_cpu", "True", "--report_to", "none",
+        "--save_strategy", "no", "--logging_steps", "1", *extra,
+    ]
+    return run_training(argv)
+
+
 def test_projector_has_its_own_learning_rate(tmp_path, tiny_deep_dir, tiny_data):
     result = _train_in_process(tmp_path, tiny_deep_dir, tiny_data, "--mm_projector_lr", "5e-4")
     groups = result.trainer.optimizer.param_groups
