@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from llava.eval.io import EvalInputError, _preview, join_by_question_id, read_json, read_jsonl, write_json_atomic
+from llava.eval.io import EvalInputError, _preview, join_by_question_id, read_json, read_jsonl, run_scorer, write_json_atomic
 
 __all__ = ["gqa_prediction", "score_gqa", "main"]
 
@@ -74,6 +74,13 @@ def score_gqa(questions_file: str, result_file: str, predictions_out: str | None
     }
 
 
+def format_summary(result: dict) -> str:
+    lines = [f"Samples: {result['n']}  Accuracy: {100 * result['accuracy']:.2f}%"]
+    for name, entry in result["per_structural_type"].items():
+        lines.append(f"  {name:<10} {100 * entry['accuracy']:.2f}%  ({entry['n']})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", required=True, help="GQA questions json, e.g. testdev_balanced_questions.json")
@@ -81,16 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--predictions-out", help="write the official eval.py's predictions file here")
     parser.add_argument("--output-json", help="write the scores here")
     args = parser.parse_args(argv)
-    try:
-        result = score_gqa(args.questions, args.result_file, args.predictions_out)
-    except EvalInputError as error:
-        raise SystemExit(f"error: {error}") from error
-    print(f"Samples: {result['n']}  Accuracy: {100 * result['accuracy']:.2f}%")
-    for name, entry in result["per_structural_type"].items():
-        print(f"  {name:<10} {100 * entry['accuracy']:.2f}%  ({entry['n']})")
-    if args.output_json:
-        write_json_atomic(args.output_json, result)
-    return result
+    return run_scorer(lambda: score_gqa(args.questions, args.result_file, args.predictions_out),
+                      format_summary, args.output_json)
 
 
 if __name__ == "__main__":

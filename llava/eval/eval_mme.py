@@ -18,7 +18,7 @@ import argparse
 import os
 from collections import defaultdict
 
-from llava.eval.io import EvalInputError, _preview, read_jsonl, write_json_atomic
+from llava.eval.io import EvalInputError, _preview, read_jsonl, run_scorer
 
 __all__ = ["PERCEPTION", "COGNITION", "parse_mme_answer", "read_mme_ground_truth", "score_mme", "main"]
 
@@ -168,14 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--result-file", required=True, help="answer file (JSON lines)")
     parser.add_argument("--output-json", help="write the scores here")
     args = parser.parse_args(argv)
-    try:
-        result = score_mme(args.gt_dir, args.result_file)
-    except EvalInputError as error:
-        raise SystemExit(f"error: {error}") from error
-    print(format_summary(result))
-    if args.output_json:
-        write_json_atomic(args.output_json, result)
-    return result
+    return run_scorer(lambda: score_mme(args.gt_dir, args.result_file), format_summary, args.output_json)
 
 
 if __name__ == "__main__":

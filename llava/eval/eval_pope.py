@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from llava.eval.io import EvalInputError, _preview, join_by_question_id, read_jsonl, write_json_atomic
+from llava.eval.io import EvalInputError, _preview, join_by_question_id, read_jsonl, run_scorer
 
 __all__ = ["SPLITS", "parse_yes_no", "confusion_metrics", "score_pope", "main"]
 
@@ -150,14 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--result-file", required=True, help="answer file (JSON lines)")
     parser.add_argument("--output-json", help="write the scores here")
     args = parser.parse_args(argv)
-    try:
-        result = score_pope(args.annotation_dir, args.question_file, args.result_file)
-    except EvalInputError as error:
-        raise SystemExit(f"error: {error}") from error
-    print(format_summary(result))
-    if args.output_json:
-        write_json_atomic(args.output_json, result)
-    return result
+    return run_scorer(lambda: score_pope(args.annotation_dir, args.question_file, args.result_file),
+                      format_summary, args.output_json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import argparse
 import re
 from collections import Counter
 
-from llava.eval.io import EvalInputError, _preview, join_by_question_id, read_json, read_jsonl, write_json_atomic
+from llava.eval.io import EvalInputError, _preview, join_by_question_id, read_json, read_jsonl, run_scorer
 from llava.eval.m4c_evaluator import TextVQAAccuracyEvaluator
 
 __all__ = ["question_from_prompt", "score_textvqa", "main"]
@@ -112,14 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--result-file", required=True, help="answer file (JSON lines)")
     parser.add_argument("--output-json", help="write the scores here")
     args = parser.parse_args(argv)
-    try:
-        result = score_textvqa(args.annotation_file, args.result_file)
-    except EvalInputError as error:
-        raise SystemExit(f"error: {error}") from error
-    print(f"Samples: {result['n']}  Accuracy: {100 * result['accuracy']:.2f}%")
-    if args.output_json:
-        write_json_atomic(args.output_json, result)
-    return result
+    return run_scorer(lambda: score_textvqa(args.annotation_file, args.result_file),
+                      lambda result: f"Samples: {result['n']}  Accuracy: {100 * result['accuracy']:.2f}%",
+                      args.output_json)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import logging
 import re
 from collections import defaultdict
 
-from llava.eval.io import EvalInputError, _preview, join_by_question_id, read_json, read_jsonl, write_json_atomic
+from llava.eval.io import EvalInputError, _preview, join_by_question_id, read_json, read_jsonl, run_scorer, write_json_atomic
 from llava.eval.m4c_evaluator import EvalAIAnswerProcessor, process_digit_article, process_punctuation
 
 __all__ = ["make_submission", "vqa_accuracy", "score_vqav2", "main"]
@@ -107,6 +107,14 @@ def score_vqav2(annotation_file: str, result_file: str, question_file: str | Non
     }
 
 
+def format_summary(result: dict) -> str:
+    # vqaEval.py reports percentages rounded to two decimals.
+    lines = [f"Samples: {result['n']}  Accuracy: {100 * result['accuracy']:.2f}"]
+    for answer_type, entry in result["per_answer_type"].items():
+        lines.append(f"  {answer_type:<8} {100 * entry['accuracy']:.2f}  ({entry['n']})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,22 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
     score.add_argument("--output-json", help="write the scores here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.command == "submission":
-            result = make_submission(args.question_file, args.result_file, args.output)
-            print(f"{result['answered']} answers for {result['questions']} questions "
-                  f"({result['missing']} left empty) -> {result['output']}")
-            return result
-        result = score_vqav2(args.annotation_file, args.result_file, args.question_file)
-    except EvalInputError as error:
-        raise SystemExit(f"error: {error}") from error
-    # vqaEval.py reports percentages rounded to two decimals.
-    print(f"Samples: {result['n']}  Accuracy: {100 * result['accuracy']:.2f}")
-    for answer_type, entry in result["per_answer_type"].items():
-        print(f"  {answer_type:<8} {100 * entry['accuracy']:.2f}  ({entry['n']})")
-    if args.output_json:
-        write_json_atomic(args.output_json, result)
-    return result
+    if args.command == "submission":
+        return run_scorer(lambda: make_submission(args.question_file, args.result_file, args.output),
+                          lambda result: f"{result['answered']} answers for {result['questions']} questions "
+                                         f"({result['missing']} left empty) -> {result['output']}", None)
+    return run_scorer(lambda: score_vqav2(args.annotation_file, args.result_file, args.question_file),
+                      format_summary, args.output_json)
 
 
 if __name__ == "__main__":

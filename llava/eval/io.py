@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 __all__ = [
     "EvalInputError", "read_jsonl", "read_json", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic",
-    "join_by_question_id",
+    "join_by_question_id", "run_scorer",
 ]
 
 
@@ -103,3 +103,16 @@ def join_by_question_id(
             parts.append(f"questions without an answer: {_preview(missing)}")
         raise EvalInputError(f"{source} does not match the question file: " + "; ".join(parts))
     return by_id
+
+
+def run_scorer(score: Callable[[], dict], summary: Callable[[dict], str], output_json: str | None) -> dict:
+    """What every scorer's command line does with its scores: run ``score()`` (bad input ends the
+    program with one line naming the file), print ``summary(result)``, write ``output_json`` if given."""
+    try:
+        result = score()
+    except EvalInputError as error:
+        raise SystemExit(f"error: {error}") from error
+    print(summary(result))
+    if output_json:
+        write_json_atomic(output_json, result)
+    return result

@@ -17,7 +17,7 @@
 #   CURRICULUM        reverse | standard | direct             reverse
 #   CURRICULUM_FACTORS, PHASE_FRACTIONS  e.g. 0.8,0.9,1.0 and 0.5,0.25,0.25  (defaults per curriculum, equal thirds)
 #   FINETUNE_MODE     lora | full                             lora
-#   LORA_R LORA_ALPHA LR MM_PROJECTOR_LR                      128 256 2e-4 2e-5
+#   LORA_R LORA_ALPHA LORA_DROPOUT LR MM_PROJECTOR_LR         128 256 0.05 2e-4 2e-5
 #   GLOBAL_BATCH PER_DEVICE_BATCH                             128 16  (accumulation = global / (per device x GPUs))
 #   EPOCHS MAX_STEPS MAX_LENGTH WARMUP_RATIO                  1 -1 2048 0.03
 #   SAVE_STEPS SAVE_TOTAL_LIMIT LOGGING_STEPS REPORT_TO SEED  50000 1 1 none 42
@@ -45,6 +45,7 @@ CURRICULUM="${CURRICULUM:-reverse}"
 FINETUNE_MODE="${FINETUNE_MODE:-lora}"
 LORA_R="${LORA_R:-128}"
 LORA_ALPHA="${LORA_ALPHA:-256}"
+LORA_DROPOUT="${LORA_DROPOUT:-0.05}"
 LR="${LR:-2e-4}"
 MM_PROJECTOR_LR="${MM_PROJECTOR_LR:-2e-5}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-128}"
@@ -99,7 +100,7 @@ ARGS=(
   --image_aspect_ratio pad
   --group_by_modality_length True
   --finetune_mode "$FINETUNE_MODE"
-  --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout 0.05
+  --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
   --mm_projector_lr "$MM_PROJECTOR_LR"
   --prune_layers "$PRUNE_LAYERS" --prune_selection "$SELECTION"
   --curriculum "$CURRICULUM"

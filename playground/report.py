@@ -1,0 +1,215 @@
+"""Tables and figure of the playground study: the analogs of the paper's Tables I-IV and Figure 2.
+
+Relative scores are the transcription cell accuracy over the full model's (the main task;
+the secondary questions are reported but have no target) and the drop is 100 minus the
+relative score, as in the paper (``llava.eval.summarize.relative_scores``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+
+import torch
+
+from adsc_patch.profile import DecoderShape, generation_cost
+from llava.eval.io import write_json_atomic, write_text_atomic
+from llava.eval.summarize import relative_scores
+
+logger = logging.getLogger("playground")
+
+SECONDARY = ("read", "count", "exist", "locate")
+ANSWER_TOKENS = 20  # a transcription: 16 cells, 3 row separators and </s>, one token each
+
+
+def _model_and_batch(path: str, eval_dir: str, batch: int, device: str):
+    """The full model and one left-padded batch of transcription prompts with their images."""
+    from llava.conversation import get_conv_template
+    from llava.eval.io import read_jsonl
+    from llava.mm_utils import load_image, process_images, tokenizer_image_token
+    from llava.model.builder import load_pretrained_model
+
+    tokenizer, model, processor, _ = load_pretrained_model(path, device=device)
+    questions = [q for q in read_jsonl(os.path.join(eval_dir, "digitgrid_questions.jsonl"))
+                 if q["category"] == "transcribe"][:batch]
+    ids = []
+    for q in questions:
+        conv = get_conv_template(model.config.conv_mode or "vicuna_v1")
+        conv.append_message(conv.roles[0], "<image>\n" + q["text"])
+        conv.append_message(conv.roles[1], None)
+        ids.append(tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt"))
+    images = [load_image(os.path.join(eval_dir, "images", q["image"])) for q in questions]
+    pixels = process_images(images, processor, model.config).to(model.device, model.dtype)
+    input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id,
+                                                padding_side="left").to(model.device)
+    mask = (input_ids != tokenizer.pad_token_id).long()
+    return model, input_ids, mask, pixels, len(ids[0]) - 1
+
+
+def _prefill_ms(model, input_ids, mask, pixels, repeats: int = 5) -> float:
+    """Median wall time of ``repeats`` prefills (after one warm-up), in milliseconds."""
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            model(input_ids=input_ids, attention_mask=mask, images=pixels, use_cache=True, logits_to_keep=1)
+            if input_ids.is_cuda:
+                torch.cuda.synchronize()
+            if i:
+                times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
+    """Per setting: analytic FLOPs (prefill + decode of one transcription) and peak KV cache
+    (``adsc_patch.profile``), and the measured median prefill time of one batch of
+    transcription prompts; every setting is timed on the same model in this one run."""
+    model, input_ids, mask, pixels, text_tokens = _model_and_batch(settings["full"].path, eval_dir, batch, device)
+    shape = DecoderShape.from_config(model.config)
+    n_vision = model.get_vision_tower().num_patches
+    bytes_per_value = torch.finfo(model.dtype).bits // 8
+    out = {}
+    for name, setting in settings.items():
+        if setting.schedule is not None:
+            model.configure_pruning(**setting.schedule)
+        else:  # the checkpoint's own schedule (the same architecture as the full model)
+            from llava.model import LlavaConfig
+
+            saved = LlavaConfig.from_pretrained(setting.path)
+            model.configure_pruning(prune_layers=saved.prune_layers, drop_ratio=saved.drop_ratio)
+        schedule = model.vision_schedule()
+        cost = generation_cost(shape, text_tokens, ANSWER_TOKENS, schedule=schedule if schedule.enabled else None,
+                               vision_tokens=n_vision, bytes_per_value=bytes_per_value)
+        out[name] = {
+            "average_vision_tokens": schedule.average_tokens,
+            "vision_tokens_per_stage": list(schedule.stage_tokens),
+            "gflops": cost.total_flops / 1e9,
+            "prefill_gflops": cost.prefill_flops / 1e9,
+            "peak_kv_kb": cost.peak_kv_bytes / 2**10,
+            "prefill_ms": _prefill_ms(model, input_ids, mask, pixels),
+        }
+    out["_assumptions"] = {
+        "text_tokens": text_tokens, "answer_tokens": ANSWER_TOKENS, "batch_for_timing": int(input_ids.shape[0]),
+        "bytes_per_value": bytes_per_value, "device": str(model.device),
+        "flops": "dense matrix products, prefill (last-position logits) + decode of the answer; see adsc_patch.profile",
+    }
+    return out
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def _rows(settings: dict, results: dict, cost: dict) -> list[dict]:
+    full = results["full"]["transcribe"]["cell_accuracy"]
+    rows = []
+    for name, setting in settings.items():
+        result = results[name]
+        row = {"setting": name, "method": setting.method, "budget": setting.budget, "ablation": setting.ablation,
+               "average_vision_tokens": cost[name]["average_vision_tokens"],
+               "cell_accuracy": result["transcribe"]["cell_accuracy"],
+               "exact_match": result["transcribe"]["exact_match"]}
+        row.update({category: result[category]["accuracy"] for category in SECONDARY if category in result})
+        relative = relative_scores({"transcribe": row["cell_accuracy"]}, {"transcribe": full})
+        row["relative_to_full"], row["drop_points"] = relative["avg_relative"], relative["drop_points"]
+        rows.append(row)
+    return rows
+
+
+def _header(*columns: str) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
+def _accuracy_table(rows: list[dict]) -> list[str]:
+    lines = _header("setting", "method", "avg vision tokens", "cell acc (%)", "exact match (%)", *SECONDARY,
+                    "rel. to full (%)", "drop (pts)")
+    for r in rows:
+        cells = [r["setting"], r["method"], f"{r['average_vision_tokens']:.1f}", _pct(r["cell_accuracy"]),
+                 _pct(r["exact_match"]), *(_pct(r.get(n)) for n in SECONDARY), _num(r["relative_to_full"]),
+                 "" if r["setting"] == "full" else _num(r["drop_points"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _efficiency_table(cost: dict) -> list[str]:
+    base = cost["full"]
+    lines = _header("setting", "avg vision tokens", "GFLOPs (prefill + decode)", "rel. (%)", "peak KV (KiB)",
+                    "rel. (%)", "prefill of one batch (ms)", "rel. (%)")
+    for name, c in cost.items():
+        if name.startswith("_"):
+            continue
+        lines.append(
+            f"| {name} | {c['average_vision_tokens']:.1f} | {c['gflops']:.3f} | {100 * c['gflops'] / base['gflops']:.1f} "
+            f"| {c['peak_kv_kb']:.1f} | {100 * c['peak_kv_kb'] / base['peak_kv_kb']:.1f} | {c['prefill_ms']:.1f} "
+            f"| {100 * c['prefill_ms'] / base['prefill_ms']:.1f} |"
+        )
+    a = cost["_assumptions"]
+    lines += ["", f"FLOPs and KV cache: one prompt of {a['text_tokens']} text tokens and one image, {a['answer_tokens']} "
+              f"answer tokens, {a['bytes_per_value']}-byte values (analytic, `adsc_patch.profile`). Prefill: median of 5 "
+              f"after a warm-up, a batch of {a['batch_for_timing']} prompts on {a['device']}, all settings in one run."]
+    return lines
+
+
+def write_report(run_dir: str, settings: dict, results: dict, cost: dict, config: dict, timings: dict) -> dict:
+    """``results.json``, ``results.md`` and ``accuracy_vs_tokens.png`` in ``run_dir``; returns the summary."""
+    rows = _rows(settings, results, cost)
+    main_rows = [r for r in rows if r["ablation"] is None]
+    lines = ["# DigitGrid: ADSC in miniature", "",
+             "Evaluation grids use handwritten digits never seen in training. Main task: transcription, scored per "
+             "cell; `read`/`count`/`exist`/`locate` are secondary questions with no target. Relative = cell accuracy "
+             "over the full model's; drop = 100 - relative, as in the paper.", "",
+             "## Accuracy vs. vision-token budget (Table I analog)", "", *_accuracy_table(main_rows)]
+    ablations = [r for r in rows if r["ablation"] is not None]
+    if ablations:
+        budget = ablations[0]["budget"]
+        reference = [r for r in rows if r["setting"] in ("full", f"adsc-{budget}")]
+        for table, title in (("regime", "Training regime"), ("curriculum", "Curriculum")):
+            number = "II" if table == "regime" else "III"
+            chosen = [r for r in ablations if r["ablation"] == table]
+            lines += ["", f"## {title} at budget {budget} (Table {number} analog)", "",
+                      *_accuracy_table(reference[:1] + chosen + reference[1:])]
+    lines += ["", "## Compute and memory (Table IV analog)", "", *_efficiency_table(cost)]
+    markdown = "\n".join(lines) + "\n"
+    summary = {"rows": rows, "efficiency": cost, "config": config, "timings_s": timings, "markdown": markdown}
+    write_json_atomic(os.path.join(run_dir, "results.json"), summary)
+    write_text_atomic(os.path.join(run_dir, "results.md"), markdown)
+    _plot(os.path.join(run_dir, "accuracy_vs_tokens.png"), main_rows)
+    return summary
+
+
+def _plot(path: str, rows: list[dict]) -> None:
+    """Figure 2 analog: cell accuracy against average vision tokens, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    methods: dict[str, list] = {}
+    full = None
+    for r in rows:
+        if r["setting"] == "full":
+            full = r
+            continue
+        methods.setdefault(r["method"], []).append((r["average_vision_tokens"], 100 * r["cell_accuracy"]))
+    for method, points in methods.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    if full is not None:
+        ax.axhline(100 * full["cell_accuracy"], linestyle="--", color="grey",
+                   label=f"full model ({full['average_vision_tokens']:.0f} tokens)")
+    ax.set_xlabel("average vision tokens per layer")
+    ax.set_ylabel("transcription cell accuracy (%)")
+    ax.set_title("DigitGrid: accuracy vs. vision tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

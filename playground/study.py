@@ -1,0 +1,381 @@
+"""The ADSC study in miniature on DigitGrid: ``python -m playground.study [--smoke] [--ablations]``.
+
+Stages (each is skipped when its output exists, so an interrupted study resumes):
+
+0. data: training JSON (LLaVA format) and the evaluation question / ground-truth files;
+1. tower: pre-train the tiny CLIP tower (``playground.tower``);
+2. full: a 16-layer, 96-wide LLaVA trained on all vision tokens (``llava.train.train``,
+   ``--finetune_mode full --curriculum none``): the Table I upper bound;
+3. ADSC: ``scripts/v1_5/finetune_adsc_lora.sh`` (the script users run: LoRA on the
+   language model + trainable projector, reverse curriculum) at budgets of 1/3, 2/9 and 1/9
+   of the vision tokens (the analogs of 192, 128, 64 of 576), merged into complete
+   checkpoints ``checkpoints/adsc-1of3`` ...;
+4. evaluation with ``llava.eval.model_vqa_loader``: the full model, each ADSC model, and
+   the ADSC schedule applied to the full model without fine-tuning (training-free);
+5. efficiency: analytic FLOPs and KV cache per setting (``adsc_patch.profile``) and the
+   measured prefill time of one batch, all in one run;
+6. ``results.json``, ``results.md`` (Tables I and IV analogs, and II/III with
+   ``--ablations``) and ``accuracy_vs_tokens.png`` (Figure 2 analog).
+
+Everything lands in ``playground/runs/<name>/``; data in ``playground/data/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from llava.eval.io import write_json_atomic
+
+logger = logging.getLogger("playground")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUDGETS = (("1of3", 1 / 3), ("2of9", 2 / 9), ("1of9", 1 / 9))
+
+
+@dataclass
+class StudyConfig:
+    """Every knob of the study; presets below. Steps are optimizer steps."""
+
+    name: str = "default"
+    device: str = "cpu"
+    seed: int = 0
+    train_images: int = 6000
+    eval_images: int = 200
+    secondary_eval_images: int = 50
+    secondary_share: float = 0.0  # share of training images that also get a secondary question
+    tower_steps: int = 800
+    tower_batch: int = 32
+    tower_lr: float = 2e-3
+    tower_jitter: int = 2  # px each glyph moves inside its cell during tower pre-training
+    tower_rotate: float = 0.0  # degrees; off by default (5 layers reached 98.4% on a probe without it)
+    tower_scale: float = 0.0
+    tower_layers: int = 5
+    image_size: int = 88  # 11 x 11 patches of 8 px: 2.75 per digit cell, so patches and cells do not line up
+    layers: int = 16
+    hidden_size: int = 96
+    intermediate_size: int = 192
+    full_steps: int = 480
+    full_batch: int = 16
+    full_lr: float = 1e-3
+    prune_layers: tuple = (1, 4)
+    adsc_steps: int = 400
+    adsc_batch: int = 16
+    adsc_lr: float = 1e-3
+    adsc_projector_lr: float = 1e-3
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0
+    curriculum: str = "reverse"
+    eval_batch: int = 32
+    ablations: bool = False
+    ablation_budget: str = "1of9"  # Tables II/III analogs at this budget (the paper's are at 192 of 576)
+    full_ft_lr: float = 3e-4
+    budgets: tuple = field(default_factory=lambda: tuple(name for name, _ in BUDGETS))
+
+    @classmethod
+    def smoke(cls, **overrides) -> "StudyConfig":
+        """A few minutes on a CPU, for CI: every stage runs, nothing is expected to learn."""
+        base = dict(name="smoke", train_images=96, eval_images=8, secondary_eval_images=2, tower_steps=4,
+                    full_steps=4, adsc_steps=3, full_batch=8, adsc_batch=8, eval_batch=8)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def cuda(cls, **overrides) -> "StudyConfig":
+        """The same study scaled up for a GPU: more data, steps and evaluation images."""
+        base = dict(device="cuda", train_images=20000, eval_images=1000, secondary_eval_images=200,
+                    tower_steps=2000, full_steps=2000, adsc_steps=600)
+        base.update(overrides)
+        return cls(**base)
+
+
+class Study:
+    """The stages of one study; ``workdir`` holds ``runs/<name>/`` and ``data/``."""
+
+    def __init__(self, config: StudyConfig, workdir: str = os.path.join(ROOT, "playground")):
+        self.config = config
+        self.run_dir = os.path.join(workdir, "runs", config.name)
+        self.ckpt = os.path.join(self.run_dir, "checkpoints")
+        train_set = f"train-{config.train_images}-{config.seed}"
+        if config.secondary_share:
+            train_set += f"-secondary{config.secondary_share:g}"
+        self.data_dir = os.path.join(workdir, "data", "digitgrid", train_set)
+        self.eval_dir = os.path.join(workdir, "data", "eval", "digitgrid")
+        os.makedirs(self.ckpt, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------- stages
+    def _stage(self, name: str, done: bool, run) -> None:
+        if done:
+            logger.info("stage %s: already done, skipping", name)
+            return
+        start = time.time()
+        logger.info("stage %s ...", name)
+        run()
+        self.timings[name] = time.time() - start
+        logger.info("stage %s: %.1f min", name, self.timings[name] / 60)
+
+    def data(self) -> None:
+        from .digitgrid import write_eval_data, write_training_data
+
+        c = self.config
+        train_json = os.path.join(self.data_dir, "train.json")
+        self._stage("data/train", os.path.exists(train_json),
+                    lambda: write_training_data(self.data_dir, c.train_images, c.seed, c.secondary_share))
+        eval_marker = os.path.join(self.eval_dir, f"{c.eval_images}-{c.secondary_eval_images}-{c.seed}.done")
+
+        def make_eval():
+            if os.path.isdir(self.eval_dir):
+                shutil.rmtree(self.eval_dir)
+            question_file, truth_file = write_eval_data(self.eval_dir, c.eval_images, c.seed + 1000,
+                                                        secondary_images=c.secondary_eval_images)
+            open(eval_marker, "w").close()
+
+        self._stage("data/eval", os.path.exists(eval_marker), make_eval)
+
+    def tower(self) -> None:
+        from .tower import pretrain_tower, tower_config
+
+        out = os.path.join(self.ckpt, "tower")
+        c = self.config
+
+        def run():
+            accuracy = pretrain_tower(out + ".tmp", steps=c.tower_steps, batch_size=c.tower_batch, lr=c.tower_lr,
+                                      seed=c.seed, device=c.device, config=tower_config(c.image_size, layers=c.tower_layers),
+                                      jitter=c.tower_jitter, rotate=c.tower_rotate, scale=c.tower_scale, log_every=max(1, c.tower_steps // 6))
+            with open(os.path.join(out + ".tmp", "pretrain_accuracy.json"), "w") as f:
+                json.dump(accuracy, f)
+            os.replace(out + ".tmp", out)
+
+        self._stage("tower", os.path.exists(os.path.join(out, "config.json")), run)
+
+    def init_model(self) -> None:
+        from .model import build_initial_checkpoint
+
+        out = os.path.join(self.ckpt, "init")
+        c = self.config
+        self._stage("init", os.path.exists(os.path.join(out, "config.json")),
+                    lambda: build_initial_checkpoint(out, os.path.join(self.ckpt, "tower"), c.layers, c.hidden_size,
+                                                     c.intermediate_size, c.seed))
+
+    def train_full(self) -> None:
+        from llava.train.train import run_training
+
+        out = os.path.join(self.ckpt, "full")
+        c = self.config
+
+        def run():
+            run_training(self._train_args(os.path.join(self.ckpt, "init"), out + ".tmp", c.full_steps, c.full_batch,
+                                          c.full_lr, ["--finetune_mode", "full", "--curriculum", "none"]))
+            os.replace(out + ".tmp", out)
+
+        self._stage("full", os.path.exists(os.path.join(out, "model.safetensors")), run)
+
+    def _train_args(self, model, out, steps, batch, lr, extra) -> list[str]:
+        return [
+            "--model_name_or_path", model, "--version", "v1",
+            "--data_path", os.path.join(self.data_dir, "train.json"), "--image_folder", self.data_dir,
+            "--output_dir", out, "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
+            "--learning_rate", str(lr), "--mm_projector_lr", str(lr), "--warmup_ratio", "0.05",
+            "--lr_scheduler_type", "cosine", "--weight_decay", "0", "--logging_steps", "10",
+            "--save_strategy", "no", "--report_to", "none", "--model_max_length", "512",
+            "--dataloader_num_workers", "0", "--seed", str(self.config.seed),
+            *(["--use_cpu", "True"] if self.config.device == "cpu" else ["--bf16", "True"]),
+            *extra,
+        ]
+
+    def budget_tokens(self, fraction: float) -> float:
+        from transformers import CLIPVisionConfig
+
+        tower = CLIPVisionConfig.from_pretrained(os.path.join(self.ckpt, "tower"))
+        return (tower.image_size // tower.patch_size) ** 2 * fraction
+
+    def adsc(self, label: str, fraction: float, tag: str = "", **overrides) -> str:
+        """Fine-tune the full model with ADSC at ``fraction`` of the vision tokens through the
+        user-facing script, then merge the adapter into a complete checkpoint."""
+        c = self.config
+        name = f"adsc-{label}{tag}"
+        lora_out = os.path.join(self.ckpt, name + "-lora")
+        merged = os.path.join(self.ckpt, name)
+        mode = overrides.get("finetune_mode", "lora")
+
+        def run():
+            env = dict(
+                os.environ,
+                MODEL_PATH=os.path.join(self.ckpt, "full"), DATA_PATH=os.path.join(self.data_dir, "train.json"),
+                IMAGE_FOLDER=self.data_dir, OUTPUT_DIR=lora_out, BUDGET=f"{self.budget_tokens(fraction):.6f}",
+                PRUNE_LAYERS=",".join(map(str, c.prune_layers)), CURRICULUM=overrides.get("curriculum", c.curriculum),
+                FINETUNE_MODE=mode, LORA_R=str(c.lora_r), LORA_ALPHA=str(c.lora_alpha), LORA_DROPOUT=str(c.lora_dropout),
+                LR=str(overrides.get("lr", c.adsc_lr)), MM_PROJECTOR_LR=str(c.adsc_projector_lr),
+                GLOBAL_BATCH=str(c.adsc_batch), PER_DEVICE_BATCH=str(c.adsc_batch), MAX_STEPS=str(c.adsc_steps),
+                MAX_LENGTH="512", WARMUP_RATIO="0.05", LOGGING_STEPS="10", GRADIENT_CHECKPOINTING="False",
+                SAVE_STEPS="100000", SEED=str(c.seed), NUM_WORKERS="0",
+                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+            )
+            if c.device == "cpu":
+                env["CUDA_VISIBLE_DEVICES"] = ""
+                env["NUM_GPUS"] = "0"
+            log_path = os.path.join(self.run_dir, f"train-{name}.log")
+            with open(log_path, "w") as log:
+                done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "v1_5", "finetune_adsc_lora.sh")],
+                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if done.returncode:
+                raise RuntimeError(f"the ADSC fine-tune {name} failed (exit {done.returncode}); its log: {log_path}")
+            if mode == "lora":
+                _merge(lora_out, os.path.join(self.ckpt, "full"), merged)
+            else:
+                os.replace(lora_out, merged)
+
+        self._stage(name, os.path.exists(os.path.join(merged, "config.json")), run)
+        return merged
+
+    # ----------------------------------------------------------------------- evaluation
+    def evaluate(self, name: str, setting: "Setting") -> dict:
+        """Answer the evaluation questions with ``model_vqa_loader`` and score them (cached)."""
+        from llava.eval import model_vqa_loader
+        from llava.eval.eval_digitgrid import score_digitgrid
+
+        answers = os.path.join(self.run_dir, "answers", f"{name}.jsonl")
+        scores_path = answers.replace(".jsonl", ".scores.json")
+        if not os.path.exists(scores_path):
+            model_vqa_loader.main([
+                "--model-path", setting.path, "--question-file", os.path.join(self.eval_dir, "digitgrid_questions.jsonl"),
+                "--image-folder", os.path.join(self.eval_dir, "images"), "--answers-file", answers,
+                "--temperature", "0", "--max_new_tokens", "48", "--batch-size", str(self.config.eval_batch),
+                "--device", self.config.device, "--num-workers", "0", *setting.flags(),
+            ])
+            scores = score_digitgrid(os.path.join(self.eval_dir, "digitgrid_answers.jsonl"), answers)
+            with open(answers + ".settings.json") as f:
+                pruning = json.load(f)["pruning"]
+            scores["average_vision_tokens"] = pruning.get("average_vision_tokens")
+            scores["vision_tokens_per_stage"] = pruning.get("vision_tokens_per_stage")
+            write_json_atomic(scores_path, scores)
+        with open(scores_path) as f:
+            return json.load(f)
+
+    def settings(self) -> dict[str, "Setting"]:
+        """Everything the tables compare, training what is not trained yet."""
+        c = self.config
+        full = os.path.join(self.ckpt, "full")
+        settings = {"full": Setting("full model (all tokens)", None, full)}
+        for label, fraction in BUDGETS:
+            if label not in c.budgets:
+                continue
+            schedule = {"prune_layers": list(c.prune_layers), "vision_token_budget": self.budget_tokens(fraction)}
+            settings[f"training-free-{label}"] = Setting("ADSC schedule, no fine-tuning", label, full, schedule)
+            settings[f"adsc-{label}"] = Setting("ADSC (LoRA, reverse curriculum)", label, self.adsc(label, fraction))
+        if c.ablations:
+            label = c.ablation_budget
+            fraction = dict(BUDGETS)[label]
+            for tag, table, method, overrides in (
+                ("full-ft", "regime", "ADSC, full fine-tuning", {"finetune_mode": "full", "lr": c.full_ft_lr}),
+                ("standard", "curriculum", "ADSC, standard curriculum", {"curriculum": "standard"}),
+                ("direct", "curriculum", "ADSC, direct (no curriculum)", {"curriculum": "direct"}),
+            ):
+                path = self.adsc(label, fraction, f"-{tag}", **overrides)
+                settings[f"adsc-{label}-{tag}"] = Setting(method, label, path, ablation=table)
+        return settings
+
+    def run(self) -> dict:
+        self.data()
+        self.tower()
+        self.init_model()
+        self.train_full()
+        settings = self.settings()
+        results = {}
+        for name, setting in settings.items():
+            start = time.time()
+            results[name] = self.evaluate(name, setting)
+            self.timings[f"eval/{name}"] = time.time() - start
+        from .report import efficiency, write_report
+
+        cost = efficiency(settings, self.eval_dir, self.config.eval_batch, self.config.device)
+        return write_report(self.run_dir, settings, results, cost, dataclasses.asdict(self.config), self.timings)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the tables: a checkpoint and the pruning it is evaluated with.
+
+    ``schedule`` (``prune_layers`` + ``vision_token_budget``) is applied at evaluation;
+    ``None`` means the checkpoint's own saved schedule (none for the full model).
+    ``ablation``: ``None`` for Table I rows, ``"regime"`` (Table II) or ``"curriculum"`` (III).
+    """
+
+    method: str
+    budget: str | None
+    path: str
+    schedule: dict | None = None
+    ablation: str | None = None
+
+    def flags(self) -> list[str]:
+        if self.schedule is None:
+            return []
+        return ["--prune-layers", ",".join(map(str, self.schedule["prune_layers"])),
+                "--vision-token-budget", f"{self.schedule['vision_token_budget']:.6f}"]
+
+
+def _merge(lora_dir: str, base: str, out: str) -> None:
+    from llava.tools.merge_lora_weights import merge_lora
+
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    merge_lora(lora_dir, base, out)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default=None, help="run folder under playground/runs (default: default / smoke)")
+    parser.add_argument("--smoke", action="store_true", help="a few minutes, for CI")
+    parser.add_argument("--ablations", action="store_true", help="add Tables II/III: full FT, standard/direct curricula")
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
+    parser.add_argument("--config", default=None, help="JSON file of StudyConfig fields to override")
+    parser.add_argument("--workdir", default=os.path.join(ROOT, "playground"),
+                        help="folder of runs/<name>/ and data/ (default: playground/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    overrides = {}
+    if args.config:
+        with open(args.config) as f:
+            overrides.update(json.load(f))
+        known = {f.name for f in dataclasses.fields(StudyConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            parser.error(f"{args.config}: unknown StudyConfig fields {unknown}; known: {sorted(known)}")
+    if args.name:
+        overrides["name"] = args.name
+    if args.ablations:
+        overrides["ablations"] = True
+    device = args.device or overrides.get("device") or (
+        "cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("device cuda: CUDA is not available on this machine")
+    overrides["device"] = device
+    if args.smoke:
+        config = StudyConfig.smoke(**overrides)
+    elif device == "cuda":
+        config = StudyConfig.cuda(**overrides)
+    else:
+        config = StudyConfig(**overrides)
+    start = time.time()
+    study = Study(config, args.workdir)
+    summary = study.run()
+    logger.info("study %s finished in %.1f min: %s", config.name, (time.time() - start) / 60,
+                os.path.join(study.run_dir, "results.md"))
+    print(summary["markdown"])
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The playground study end to end in its --smoke preset: every stage runs through the user-facing
+code (training script, merge, model_vqa_loader, scorer) and leaves the run folder the README shows."""
+
+import json
+import os
+
+import pytest
+
+from llava.model.builder import load_pretrained_model
+from playground import study
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("playground")
+    summary = study.main(["--smoke", "--workdir", str(workdir)])
+    return workdir / "runs" / "smoke", summary
+
+
+def test_run_folder_has_the_tables_and_the_figure(smoke_run):
+    run_dir, summary = smoke_run
+    assert {"results.json", "results.md", "accuracy_vs_tokens.png"} <= set(os.listdir(run_dir))
+    assert (run_dir / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((run_dir / "results.json").read_text())
+    settings = [row["setting"] for row in results["rows"]]
+    assert settings[0] == "full"
+    for label in ("1of3", "2of9", "1of9"):
+        assert f"adsc-{label}" in settings and f"training-free-{label}" in settings
+    markdown = (run_dir / "results.md").read_text()
+    assert markdown == summary["markdown"]
+    assert "Compute and memory" in markdown and "| adsc-1of9 |" in markdown
+
+
+def test_budgets_are_the_analogs_of_192_128_64(smoke_run):
+    run_dir, _ = smoke_run
+    results = json.loads((run_dir / "results.json").read_text())
+    tokens = {row["setting"]: row["average_vision_tokens"] for row in results["rows"]}
+    n = tokens["full"]
+    assert n == 121
+    for label, fraction in (("1of3", 1 / 3), ("2of9", 2 / 9), ("1of9", 1 / 9)):
+        assert tokens[f"adsc-{label}"] == tokens[f"training-free-{label}"]
+        assert abs(tokens[f"adsc-{label}"] - fraction * n) <= 1
+    cost = results["efficiency"]
+    assert cost["adsc-1of9"]["gflops"] < cost["adsc-1of3"]["gflops"] < cost["full"]["gflops"]
+    assert cost["adsc-1of9"]["peak_kv_kb"] < cost["adsc-1of3"]["peak_kv_kb"] < cost["full"]["peak_kv_kb"]
+    assert cost["adsc-1of9"]["vision_tokens_per_stage"] == [121, 19, 3]  # prune layers 1 and 4
+    assert all(cost[name]["prefill_ms"] > 0 for name in tokens)
+
+
+def test_checkpoints_load_with_their_schedule_and_template(smoke_run):
+    run_dir, _ = smoke_run
+    ckpt = run_dir / "checkpoints"
+    _, full, _, _ = load_pretrained_model(str(ckpt / "full"), device="cpu")
+    assert full.config.prune_layers == [] and full.config.conv_mode == "vicuna_v1"
+    for label, fraction in (("1of3", 1 / 3), ("1of9", 1 / 9)):
+        _, model, _, _ = load_pretrained_model(str(ckpt / f"adsc-{label}"), device="cpu")
+        schedule = model.vision_schedule()
+        assert model.config.conv_mode == "vicuna_v1" and schedule.enabled
+        assert abs(schedule.average_tokens - fraction * 121) <= 1
+    log = (run_dir / "train-adsc-1of9.log").read_text()
+    assert "launcher=python" in log and log.count("curriculum phase") >= 3  # the user-facing script ran
+
+
+def test_a_finished_study_resumes_without_redoing_stages(smoke_run, caplog):
+    run_dir, summary = smoke_run
+    before = (run_dir / "results.json").stat().st_mtime
+    with caplog.at_level("INFO", logger="playground"):
+        again = study.main(["--smoke", "--workdir", str(run_dir.parent.parent)])
+    skipped = [r.getMessage() for r in caplog.records if "already done" in r.getMessage()]
+    assert len(skipped) >= 6  # data, tower, init, full and the three ADSC fine-tunes
+    assert [r["cell_accuracy"] for r in again["rows"]] == [r["cell_accuracy"] for r in summary["rows"]]
+    assert (run_dir / "results.json").stat().st_mtime >= before
