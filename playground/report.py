@@ -103,7 +103,7 @@ def _pct(x) -> str:
 
 
 def _num(x) -> str:
-    return "—" if x is None else f"{x:.1f}"
+    return "—" if x is None else f"{x:.1f}".replace("-0.0", "0.0")
 
 
 def _rows(settings: dict, results: dict, cost: dict) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Helpers for tests: prompt batches for the tiny models."""
+"""Helpers for tests: prompt batches for the tiny models, answer files to tamper with."""
 
 from __future__ import annotations
 
@@ -27,3 +27,15 @@ def pad_batch(sequences, pad_id: int, side: str = "left") -> tuple[torch.Tensor,
         ids[row, span] = seq
         mask[row, span] = 1
     return ids, mask
+
+
+def read_lines(path) -> list[str]:
+    """The non-blank lines of a JSON-lines file, newlines kept."""
+    with open(path) as f:
+        return [line for line in f if line.strip()]
+
+
+def write_lines(path, lines) -> str:
+    with open(path, "w") as f:
+        f.writelines(lines)
+    return str(path)

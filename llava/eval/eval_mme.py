@@ -18,7 +18,7 @@ import argparse
 import os
 from collections import defaultdict
 
-from llava.eval.io import EvalInputError, _preview, read_jsonl, run_scorer
+from llava.eval.io import EvalInputError, mismatch_error, read_jsonl, run_scorer
 
 __all__ = ["PERCEPTION", "COGNITION", "parse_mme_answer", "read_mme_ground_truth", "score_mme", "main"]
 
@@ -121,14 +121,10 @@ def score_mme(gt_dir: str, result_file: str) -> dict:
     missing = [(f"{category}/{stem}", question) for category, stem, question in truth
                if (category, stem, question) not in predictions]
     if unknown or duplicates or missing:
-        problems = []
-        if unknown:
-            problems.append(f"answers to questions that are not in the ground truth: {_preview(unknown)}")
-        if duplicates:
-            problems.append(f"questions answered twice: {_preview(duplicates)}")
-        if missing:
-            problems.append(f"questions without an answer: {_preview(missing)}")
-        raise EvalInputError(f"{result_file} does not match the MME ground truth in {gt_dir}: " + "; ".join(problems))
+        raise mismatch_error(result_file, f"the MME ground truth in {gt_dir}", [
+            ("answers to questions that are not in the ground truth", unknown),
+            ("questions answered twice", duplicates),
+            ("questions without an answer", missing)])
 
     outcomes: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for (category, stem, question), label in truth.items():

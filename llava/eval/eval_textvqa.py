@@ -18,7 +18,7 @@ import argparse
 import re
 from collections import Counter
 
-from llava.eval.io import EvalInputError, _preview, join_by_question_id, read_json, read_jsonl, run_scorer
+from llava.eval.io import EvalInputError, _preview, join_by_question_id, mismatch_error, read_json, read_jsonl, run_scorer
 from llava.eval.m4c_evaluator import TextVQAAccuracyEvaluator
 
 __all__ = ["question_from_prompt", "score_textvqa", "main"]
@@ -70,14 +70,10 @@ def _pairs_by_image_and_question(annotations: list[dict], answers: list[dict], r
     extra = [key for key, count in got.items() if key in wanted and count > wanted[key]]
     missing = [key for key, count in wanted.items() if got[key] < count]
     if unknown or extra or missing:
-        problems = []
-        if unknown:
-            problems.append(f"answers to (image, question) pairs that are not annotated: {_preview(unknown)}")
-        if extra:
-            problems.append(f"questions answered too often: {_preview(extra)}")
-        if missing:
-            problems.append(f"questions without an answer: {_preview(missing)}")
-        raise EvalInputError(f"{result_file} does not match the annotations: " + "; ".join(problems))
+        raise mismatch_error(result_file, "the annotations", [
+            ("answers to (image, question) pairs that are not annotated", unknown),
+            ("questions answered too often", extra),
+            ("questions without an answer", missing)])
     return [(answer.get("text"), latest[key]["answers"]) for answer, key in zip(answers, keys, strict=True)]
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 __all__ = [
     "EvalInputError", "read_jsonl", "read_json", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic",
-    "join_by_question_id", "run_scorer",
+    "join_by_question_id", "mismatch_error", "run_scorer",
 ]
 
 
@@ -71,6 +71,13 @@ def _preview(ids: list) -> str:
     return shown + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
 
 
+def mismatch_error(source: str, reference: str, problems: list[tuple[str, list]]) -> EvalInputError:
+    """One error naming every way ``source`` (an answer file) disagrees with ``reference``:
+    ``problems`` are (what is wrong, offending keys) pairs; pairs without keys are left out."""
+    listed = [f"{what}: {_preview(keys)}" for what, keys in problems if keys]
+    return EvalInputError(f"{source} does not match {reference}: " + "; ".join(listed))
+
+
 def join_by_question_id(
     expected_ids: Iterable, answers: list[dict], source: str, allow_missing: bool = False
 ) -> dict:
@@ -95,13 +102,12 @@ def join_by_question_id(
         raise EvalInputError(f"{source}: duplicate answers for question ids {_preview(duplicates)}")
     unknown = [qid for qid in by_id if qid not in expected_set]
     missing = [qid for qid in expected if qid not in by_id]
-    if unknown or (missing and not allow_missing):
-        parts = []
-        if unknown:
-            parts.append(f"answers for question ids that are not in the questions: {_preview(unknown)}")
-        if missing and not allow_missing:
-            parts.append(f"questions without an answer: {_preview(missing)}")
-        raise EvalInputError(f"{source} does not match the question file: " + "; ".join(parts))
+    if allow_missing:
+        missing = []
+    if unknown or missing:
+        raise mismatch_error(source, "the question file", [
+            ("answers for question ids that are not in the questions", unknown),
+            ("questions without an answer", missing)])
     return by_id
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from llava.eval.eval_mme import COGNITION, PERCEPTION, main, parse_mme_answer, score_mme
 from llava.eval.io import EvalInputError
+from tests.helpers import read_lines, write_lines
 
 # From the oracle README (LLaVA's conversion, then MME's calculation.py, on the released 13B answers).
 OFFICIAL_SUBTASKS = {
@@ -37,17 +38,6 @@ def official_result(mme):
     return score_mme(**mme)
 
 
-def _read_lines(path):
-    with open(path) as f:
-        return [line for line in f if line.strip()]
-
-
-def _write_lines(path, lines):
-    with open(path, "w") as f:
-        f.writelines(lines)
-    return str(path)
-
-
 def test_reproduces_the_official_totals(official_result):
     assert official_result["perception"] == OFFICIAL_PERCEPTION
     assert official_result["cognition"] == OFFICIAL_COGNITION
@@ -69,9 +59,9 @@ def test_subtask_groups_and_sizes(official_result):
 
 
 def test_shuffled_answers_score_the_same(mme, official_result, tmp_path):
-    lines = _read_lines(mme["result_file"])
+    lines = read_lines(mme["result_file"])
     random.Random(1).shuffle(lines)
-    assert score_mme(mme["gt_dir"], _write_lines(tmp_path / "a.jsonl", lines)) == official_result
+    assert score_mme(mme["gt_dir"], write_lines(tmp_path / "a.jsonl", lines)) == official_result
 
 
 def test_images_and_questions_answers_yn_layout(mme, official_result, tmp_path):
@@ -108,7 +98,7 @@ def test_small_fixture_in_the_nested_layout(tmp_path):
                 "prompt": f"{question}\nAnswer the question using a single word or phrase.",
                 "text": text,
             })
-    result_file = _write_lines(tmp_path / "a.jsonl", [json.dumps(a) + "\n" for a in answers])
+    result_file = write_lines(tmp_path / "a.jsonl", [json.dumps(a) + "\n" for a in answers])
     result = score_mme(str(gt_dir), result_file)
     assert result["subtasks"]["existence"] == {"score": 200.0, "acc": 1.0, "acc_plus": 1.0, "n": 2}
     assert result["subtasks"]["count"] == {"score": 50.0, "acc": 0.5, "acc_plus": 0.0, "n": 2}
@@ -118,20 +108,20 @@ def test_small_fixture_in_the_nested_layout(tmp_path):
 
 
 def test_answer_to_an_unknown_question_is_refused(mme, tmp_path):
-    lines = _read_lines(mme["result_file"])
+    lines = read_lines(mme["result_file"])
     extra = json.loads(lines[0])
     extra["prompt"] = "Is this a question MME never asked?\nAnswer the question using a single word or phrase."
     with pytest.raises(EvalInputError, match="not in the ground truth: .*Is this a question MME never asked"):
-        score_mme(mme["gt_dir"], _write_lines(tmp_path / "a.jsonl", lines + [json.dumps(extra) + "\n"]))
+        score_mme(mme["gt_dir"], write_lines(tmp_path / "a.jsonl", lines + [json.dumps(extra) + "\n"]))
 
 
 def test_missing_and_duplicated_answers_are_refused(mme, tmp_path):
-    lines = _read_lines(mme["result_file"])
+    lines = read_lines(mme["result_file"])
     assert json.loads(lines[0])["question_id"] == "code_reasoning/0020.png"
     with pytest.raises(EvalInputError, match=r"without an answer: \('code_reasoning/0020', 'Is a python code shown"):
-        score_mme(mme["gt_dir"], _write_lines(tmp_path / "missing.jsonl", lines[1:]))
+        score_mme(mme["gt_dir"], write_lines(tmp_path / "missing.jsonl", lines[1:]))
     with pytest.raises(EvalInputError, match="answered twice"):
-        score_mme(mme["gt_dir"], _write_lines(tmp_path / "twice.jsonl", lines + lines[:1]))
+        score_mme(mme["gt_dir"], write_lines(tmp_path / "twice.jsonl", lines + lines[:1]))
 
 
 def test_missing_subtask_folder_is_named(mme, tmp_path):

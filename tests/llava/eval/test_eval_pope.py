@@ -10,6 +10,7 @@ import pytest
 
 from llava.eval.eval_pope import main, parse_yes_no, score_pope
 from llava.eval.io import EvalInputError
+from tests.helpers import read_lines, write_lines
 
 # From the oracle README (upstream LLaVA's eval_pope.py on the released 13B answers).
 OFFICIAL = {
@@ -37,17 +38,6 @@ def official_result(pope):
     return score_pope(**pope)
 
 
-def _read_lines(path):
-    with open(path) as f:
-        return [line for line in f if line.strip()]
-
-
-def _write_lines(path, lines):
-    with open(path, "w") as f:
-        f.writelines(lines)
-    return str(path)
-
-
 @pytest.mark.parametrize("split", sorted(OFFICIAL))
 def test_reproduces_the_official_numbers(official_result, split):
     got = official_result[split]
@@ -64,47 +54,47 @@ def test_mean_f1_is_the_headline_number(official_result):
 
 def test_shuffled_answers_and_questions_score_the_same(pope, official_result, tmp_path):
     rng = random.Random(0)
-    answers = _read_lines(pope["result_file"])
-    questions = _read_lines(pope["question_file"])
+    answers = read_lines(pope["result_file"])
+    questions = read_lines(pope["question_file"])
     rng.shuffle(answers)
     rng.shuffle(questions)
     shuffled = score_pope(
         pope["annotation_dir"],
-        _write_lines(tmp_path / "questions.jsonl", questions),
-        _write_lines(tmp_path / "answers.jsonl", answers),
+        write_lines(tmp_path / "questions.jsonl", questions),
+        write_lines(tmp_path / "answers.jsonl", answers),
     )
     assert shuffled == official_result
 
 
 def test_answers_from_another_question_file_are_refused(pope, tmp_path):
     shifted = []
-    for line in _read_lines(pope["result_file"]):
+    for line in read_lines(pope["result_file"]):
         record = json.loads(line)
         record["question_id"] += 1
         shifted.append(json.dumps(record) + "\n")
     with pytest.raises(EvalInputError) as caught:
-        score_pope(pope["annotation_dir"], pope["question_file"], _write_lines(tmp_path / "a.jsonl", shifted))
+        score_pope(pope["annotation_dir"], pope["question_file"], write_lines(tmp_path / "a.jsonl", shifted))
     message = str(caught.value)
     assert "20003001" in message  # an id no question has
     assert "questions without an answer: 1," in message  # and the first question lost its answer
 
 
 def test_missing_answers_are_refused(pope, tmp_path):
-    lines = _read_lines(pope["result_file"])
+    lines = read_lines(pope["result_file"])
     dropped = json.loads(lines[5])["question_id"]
     with pytest.raises(EvalInputError, match=f"without an answer: {dropped}"):
         score_pope(pope["annotation_dir"], pope["question_file"],
-                   _write_lines(tmp_path / "a.jsonl", lines[:5] + lines[6:]))
+                   write_lines(tmp_path / "a.jsonl", lines[:5] + lines[6:]))
 
 
 def test_question_that_pope_does_not_have_is_refused(pope, tmp_path):
-    lines = _read_lines(pope["question_file"])
+    lines = read_lines(pope["question_file"])
     record = json.loads(lines[3])
     record["text"] = record["text"].replace("Is there", "Was there")
     lines[3] = json.dumps(record) + "\n"
     expected = rf"split 'adversarial'.*not in .*coco_pope_adversarial.json: {record['question_id']}"
     with pytest.raises(EvalInputError, match=expected):
-        score_pope(pope["annotation_dir"], _write_lines(tmp_path / "q.jsonl", lines), pope["result_file"])
+        score_pope(pope["annotation_dir"], write_lines(tmp_path / "q.jsonl", lines), pope["result_file"])
 
 
 @pytest.mark.parametrize(
