@@ -36,7 +36,20 @@ from .pruning_args import add_pruning_args, apply_pruning_args
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalQuestion", "AnswerFile", "add_inference_args", "get_chunk", "run_inference", "main_with_questions"]
+__all__ = ["EvalQuestion", "AnswerFile", "add_inference_args", "generation_kwargs", "get_chunk", "run_inference", "main_with_questions"]
+
+
+def generation_kwargs(args: argparse.Namespace, pad_token_id: int | None) -> dict:
+    """``model.generate`` arguments from upstream's sampling flags (``--temperature 0``: greedy)."""
+    return dict(
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else None,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
 
 
 @dataclass
@@ -271,15 +284,7 @@ def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> st
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
         collate_fn=_collate_left(tokenizer.pad_token_id),
     )
-    generation = dict(
-        do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else None,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
+    generation = generation_kwargs(args, tokenizer.pad_token_id)
     with tqdm(total=len(runnable), desc=os.path.basename(args.answers_file), unit="q") as progress:
         for indices, input_ids, mask, pixels in loader:
             input_ids, mask = input_ids.to(model.device), mask.to(model.device)

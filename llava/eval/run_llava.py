@@ -13,6 +13,7 @@ import torch
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER
 from llava.conversation import get_conv_template
+from llava.eval.inference import generation_kwargs
 from llava.eval.pruning_args import add_pruning_args, apply_pruning_args
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
@@ -58,16 +59,7 @@ def main(argv=None) -> str:
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None].to(model.device)
     pixels = process_images(images, image_processor, model.config).to(model.device, model.dtype)
     with torch.inference_mode():
-        output_ids = model.generate(
-            input_ids,
-            images=pixels,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature if args.temperature > 0 else None,
-            top_p=args.top_p,
-            num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        output_ids = model.generate(input_ids, images=pixels, **generation_kwargs(args, tokenizer.pad_token_id))
     answer = tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0].strip()
     print(answer)
     trace = model.pruning_trace

@@ -1,0 +1,39 @@
+"""One-shot inference (``python -m llava.eval.run_llava``): the same answer as the library path,
+and the pruning flags reach the decoder."""
+
+import torch
+
+from llava.eval.run_llava import build_prompt, main
+from llava.mm_utils import load_image, process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+
+
+def _image(tmp_path, random_images):
+    path = tmp_path / "image.png"
+    random_images[0].save(path)
+    return str(path)
+
+
+def test_greedy_answer_equals_generate_through_the_library(tiny_deep_dir, tmp_path, random_images, capsys):
+    image = _image(tmp_path, random_images)
+    flags = ["--model-path", tiny_deep_dir, "--image-file", image, "--query", "What is this?",
+             "--temperature", "0", "--max_new_tokens", "6", "--device", "cpu"]
+    answer = main(flags + ["--no-pruning"])
+    assert capsys.readouterr().out.splitlines()[-1] == answer
+
+    tokenizer, model, processor, _ = load_pretrained_model(tiny_deep_dir, device="cpu")
+    prompt = build_prompt("What is this?", model.config.conv_mode or "vicuna_v1", model.config.mm_use_im_start_end)
+    input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
+    pixels = process_images([load_image(image)], processor, model.config)
+    with torch.inference_mode():
+        output = model.generate(input_ids, images=pixels, do_sample=False, max_new_tokens=6,
+                                pad_token_id=tokenizer.pad_token_id)
+    assert answer == tokenizer.batch_decode(output, skip_special_tokens=True)[0].strip()
+
+
+def test_pruning_flags_set_the_schedule_and_report_it(tiny_deep_dir, tmp_path, random_images, capsys):
+    image = _image(tmp_path, random_images)
+    main(["--model-path", tiny_deep_dir, "--image-file", image, "--query", "What is this?", "--temperature", "0",
+          "--max_new_tokens", "3", "--device", "cpu", "--prune-layers", "2,4", "--drop-ratio", "0.5"])
+    report = capsys.readouterr().out.splitlines()[-1]
+    assert report.startswith("[vision tokens entering each stage: [36, 18, 9];"), report
