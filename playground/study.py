@@ -100,8 +100,16 @@ class StudyConfig:
         return cls(**base)
 
 
+# May differ between runs in one folder: they change what is added or how fast, not what is there.
+FIELDS_FREE_ON_RESUME = ("name", "device", "ablations", "eval_batch")
+
+
 class Study:
-    """The stages of one study; ``workdir`` holds ``runs/<name>/`` and ``data/``."""
+    """The stages of one study; ``workdir`` holds ``runs/<name>/`` and ``data/``.
+
+    A run folder belongs to one configuration (``study_config.json``): finished stages are
+    skipped on the next run, so a changed setting must go to a new ``--name``.
+    """
 
     def __init__(self, config: StudyConfig, workdir: str = os.path.join(ROOT, "playground")):
         self.config = config
@@ -113,7 +121,24 @@ class Study:
         self.data_dir = os.path.join(workdir, "data", "digitgrid", train_set)
         self.eval_dir = os.path.join(workdir, "data", "eval", "digitgrid")
         os.makedirs(self.ckpt, exist_ok=True)
+        self._claim_run_dir()
         self.timings: dict[str, float] = {}
+
+    def _claim_run_dir(self) -> None:
+        """Record this configuration in the run folder, or refuse one made with another."""
+        path = os.path.join(self.run_dir, "study_config.json")
+        mine = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self.config).items()
+                                      if k not in FIELDS_FREE_ON_RESUME}))
+        if not os.path.exists(path):
+            write_json_atomic(path, mine)
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        changed = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in mine.items() if saved.get(k) != v]
+        if changed:
+            raise ValueError(f"{self.run_dir} holds a study with other settings ({'; '.join(changed)}); "
+                             "its finished stages would be reused, so give this study another --name "
+                             "or delete that folder")
 
     # ----------------------------------------------------------------------- stages
     def _stage(self, name: str, done: bool, run) -> None:
@@ -369,7 +394,10 @@ def main(argv=None) -> dict:
     else:
         config = StudyConfig(**overrides)
     start = time.time()
-    study = Study(config, args.workdir)
+    try:
+        study = Study(config, args.workdir)
+    except ValueError as error:
+        parser.error(str(error))
     summary = study.run()
     logger.info("study %s finished in %.1f min: %s", config.name, (time.time() - start) / 60,
                 os.path.join(study.run_dir, "results.md"))

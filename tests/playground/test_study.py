@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from llava.model.builder import load_pretrained_model
 from playground import study
@@ -70,3 +71,35 @@ def test_a_finished_study_resumes_without_redoing_stages(smoke_run, caplog):
     assert len(skipped) >= 6  # data, tower, init, full and the three ADSC fine-tunes
     assert [r["cell_accuracy"] for r in again["rows"]] == [r["cell_accuracy"] for r in summary["rows"]]
     assert (run_dir / "results.json").stat().st_mtime >= before
+
+
+def test_a_run_folder_refuses_a_study_with_other_settings(smoke_run, tmp_path, capsys):
+    run_dir, _ = smoke_run
+    workdir = str(run_dir.parent.parent)
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps({"adsc_steps": 5}))
+    with pytest.raises(SystemExit):
+        study.main(["--smoke", "--workdir", workdir, "--config", str(changed)])
+    assert "adsc_steps: 3 there, 5 now" in capsys.readouterr().err
+    saved = json.loads((run_dir / "study_config.json").read_text())
+    assert saved["adsc_steps"] == 3 and "ablations" not in saved  # adding the ablations later is allowed
+
+
+def test_bad_command_lines_are_refused_before_any_work(tmp_path, capsys):
+    unknown = tmp_path / "typo.json"
+    unknown.write_text(json.dumps({"adsc_step": 5}))
+    with pytest.raises(SystemExit):
+        study.main(["--smoke", "--workdir", str(tmp_path), "--config", str(unknown)])
+    assert "unknown StudyConfig fields ['adsc_step']" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            study.main(["--device", "cuda", "--workdir", str(tmp_path)])
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_cuda_preset_scales_the_same_study_up():
+    cpu, cuda = study.StudyConfig(), study.StudyConfig.cuda()
+    assert cuda.device == "cuda" and cuda.train_images > cpu.train_images and cuda.eval_images > cpu.eval_images
+    assert (cuda.layers, cuda.hidden_size, cuda.prune_layers, cuda.budgets) == \
+        (cpu.layers, cpu.hidden_size, cpu.prune_layers, cpu.budgets)
