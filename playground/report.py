@@ -25,27 +25,21 @@ ANSWER_TOKENS = 20  # a transcription: 16 cells, 3 row separators and </s>, one 
 
 
 def _model_and_batch(path: str, eval_dir: str, batch: int, device: str):
-    """The full model and one left-padded batch of transcription prompts with their images."""
-    from llava.conversation import get_conv_template
-    from llava.eval.io import read_jsonl
-    from llava.mm_utils import load_image, process_images, tokenizer_image_token
+    """The full model and one batch of transcription prompts, built as the evaluation builds them;
+    also the text tokens of one prompt (the image marker excluded)."""
+    from argparse import Namespace
+
+    from llava.eval.inference import prompt_batch
+    from llava.eval.model_vqa_loader import load_questions
     from llava.model.builder import load_pretrained_model
 
     tokenizer, model, processor, _ = load_pretrained_model(path, device=device)
-    questions = [q for q in read_jsonl(os.path.join(eval_dir, "digitgrid_questions.jsonl"))
-                 if q["category"] == "transcribe"][:batch]
-    ids = []
-    for q in questions:
-        conv = get_conv_template(model.config.conv_mode or "vicuna_v1")
-        conv.append_message(conv.roles[0], "<image>\n" + q["text"])
-        conv.append_message(conv.roles[1], None)
-        ids.append(tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt"))
-    images = [load_image(os.path.join(eval_dir, "images", q["image"])) for q in questions]
-    pixels = process_images(images, processor, model.config).to(model.device, model.dtype)
-    input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id,
-                                                padding_side="left").to(model.device)
-    mask = (input_ids != tokenizer.pad_token_id).long()
-    return model, input_ids, mask, pixels, len(ids[0]) - 1
+    questions = load_questions(Namespace(question_file=os.path.join(eval_dir, "digitgrid_questions.jsonl")))
+    transcriptions = [q for q in questions if q.metadata.get("category") == "transcribe"][:batch]
+    input_ids, mask, pixels = prompt_batch(transcriptions, tokenizer, processor, model.config,
+                                           os.path.join(eval_dir, "images"), model.config.conv_mode or "vicuna_v1")
+    pixels = pixels.to(model.device, model.dtype)
+    return model, input_ids.to(model.device), mask.to(model.device), pixels, int(mask[0].sum()) - 1
 
 
 def _prefill_ms(model, input_ids, mask, pixels, repeats: int = 5) -> float:

@@ -163,8 +163,7 @@ class Study:
         def make_eval():
             if os.path.isdir(self.eval_dir):
                 shutil.rmtree(self.eval_dir)
-            question_file, truth_file = write_eval_data(self.eval_dir, c.eval_images, c.seed + 1000,
-                                                        secondary_images=c.secondary_eval_images)
+            write_eval_data(self.eval_dir, c.eval_images, c.seed + 1000, secondary_images=c.secondary_eval_images)
             open(eval_marker, "w").close()
 
         self._stage("data/eval", os.path.exists(eval_marker), make_eval)

@@ -36,7 +36,7 @@ from .pruning_args import add_pruning_args, apply_pruning_args
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalQuestion", "AnswerFile", "add_inference_args", "generation_kwargs", "get_chunk", "run_inference", "main_with_questions"]
+__all__ = ["EvalQuestion", "AnswerFile", "add_inference_args", "generation_kwargs", "prompt_batch", "get_chunk", "run_inference", "main_with_questions"]
 
 
 def generation_kwargs(args: argparse.Namespace, pad_token_id: int | None) -> dict:
@@ -181,6 +181,15 @@ def _collate_left(pad_token_id):
         return indices, input_ids, mask, torch.stack(pixels) if pixels else None
 
     return collate
+
+
+def prompt_batch(questions: list[EvalQuestion], tokenizer, image_processor, model_config, image_folder: str,
+                 conv_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(input_ids, attention_mask, pixel_values)`` of ``questions`` exactly as ``run_inference``
+    feeds them to the model: chat prompts, left padding, one image each."""
+    dataset = _QuestionDataset(questions, tokenizer, image_processor, model_config, image_folder, conv_mode)
+    _, input_ids, mask, pixels = _collate_left(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    return input_ids, mask, pixels
 
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:

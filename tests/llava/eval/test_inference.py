@@ -108,3 +108,23 @@ def test_chunks_are_contiguous_and_cover_everything():
     assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     with pytest.raises(ValueError, match="chunk-idx 3"):
         get_chunk(items, 3, 3)
+
+
+def test_prompt_batch_is_left_padded_chat_prompts_with_one_image_each(loaded_tiny, bench):
+    from argparse import Namespace
+
+    from llava.eval.inference import prompt_batch
+    from llava.eval.run_llava import build_prompt
+    from llava.mm_utils import tokenizer_image_token
+
+    tokenizer, model, processor, _ = loaded_tiny
+    questions = model_vqa_loader.load_questions(Namespace(question_file=f"{bench}/pope/llava_pope_test.jsonl"))[:3]
+    questions[1].query = questions[1].query + " Think about it carefully, please."  # a longer prompt
+    input_ids, mask, pixels = prompt_batch(questions, tokenizer, processor, model.config, f"{bench}/pope/val2014",
+                                           "vicuna_v1")
+    assert pixels.shape[0] == 3 and input_ids.shape == mask.shape
+    for row, question in enumerate(questions):
+        expected = tokenizer_image_token(build_prompt(question.query, "vicuna_v1", False), tokenizer, return_tensors="pt")
+        assert int(mask[row].sum()) == len(expected) and mask[row, -len(expected):].all()
+        assert input_ids[row, -len(expected):].tolist() == expected.tolist()
+    assert not mask[0, 0] and mask[1].all()  # shorter rows are padded on the left
