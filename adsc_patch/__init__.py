@@ -2,9 +2,11 @@
 
 The method as small pure pieces (``schedule``, ``select``), the pruned decoder loop
 (``decoder``), cache accounting (``cache``), analytic cost (``profile``) and the patch for
-models we did not write (``patch``). Nothing here imports ``llava``.
+models we did not write (``patch``); transformers' version-dependent names live in
+``compat`` (checked at import). Nothing here imports ``llava``.
 """
 
+from . import compat
 from .decoder import (
     AdscPlan,
     PrunedDecoderOutput,

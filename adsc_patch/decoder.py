@@ -27,6 +27,7 @@ prompt's group, so the stored masks never need reordering.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -35,6 +36,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from . import compat
 from .schedule import ScheduleError, VisionSchedule, vision_schedule
 from .select import SELECTIONS, keep_sets
 
@@ -48,6 +50,8 @@ __all__ = [
     "pruned_decoder_forward",
     "compact_labels",
 ]
+
+logger = logging.getLogger(__name__)
 
 ADSC_STATE_ATTR = "_adsc_prefill_state"
 
@@ -233,9 +237,9 @@ def _run_stage(decoder, layers, hidden, mask2d, positions, cache, use_cache, fir
         config=decoder.config,
         inputs_embeds=hidden,
         attention_mask=mask2d,
-        past_key_values=cache,
         position_ids=positions,
         layer_idx=first_layer,
+        **compat.cache_kwargs(cache),
     )
     position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
     for layer in layers:
@@ -246,11 +250,39 @@ def _run_stage(decoder, layers, hidden, mask2d, positions, cache, use_cache, fir
             # Gapped ids would read as packed sequences to FlashAttention: only the RoPE
             # embeddings carry them after a prune layer.
             position_ids=positions if pass_positions else None,
-            past_key_values=cache,
             use_cache=use_cache,
+            **compat.cache_kwargs(cache),
             **kwargs,
         )
     return hidden
+
+
+def _resolve_cache(decoder, cache: Cache | None, use_cache: bool | None, kwargs: dict) -> tuple[Cache | None, bool]:
+    """The cache this forward fills (or ``None``) and whether it is used; see ``pruned_decoder_forward``."""
+    cache = compat.take_cache(kwargs, cache, "pruned_decoder_forward")
+    compat.reject_stray_cache(kwargs, "pruned_decoder_forward")
+    checkpointing = decoder.training and torch.is_grad_enabled() and any(
+        getattr(layer, "gradient_checkpointing", False) for layer in decoder.layers
+    )
+    if checkpointing and (cache is not None or use_cache):
+        # The backward replay of a checkpointed layer would write the cache a second time.
+        _warn_once("gradient checkpointing in training: the KV cache is not used (use_cache=False)")
+        return None, False
+    if use_cache is None:
+        use_cache = decoder.config.use_cache and (cache is not None or not torch.is_grad_enabled())
+    if use_cache and cache is None:
+        cache = DynamicCache(config=decoder.config)
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise TypeError(
+            f"vision-token pruning keeps a different length per layer and needs a DynamicCache; "
+            f"got {type(cache).__name__}"
+        )
+    return (cache if use_cache else None), bool(use_cache)
+
+
+@lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def pruned_decoder_forward(
@@ -259,7 +291,7 @@ def pruned_decoder_forward(
     input_ids: torch.LongTensor | None = None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
-    past_key_values: Cache | None = None,
+    cache: Cache | None = None,
     inputs_embeds: torch.FloatTensor | None = None,
     use_cache: bool | None = None,
     vision_mask: torch.Tensor | None = None,
@@ -273,6 +305,10 @@ def pruned_decoder_forward(
         attention_mask: ``(B, past + T)`` 2-D padding mask or ``None``.
         position_ids: ``(B, T)`` original positions of the input tokens; default
             ``past + arange(T)`` like ``LlamaModel``.
+        cache: a ``DynamicCache`` to fill or continue; also accepted as ``past_key_values``
+            (transformers up to 5.23). Without one, a cache is built only when ``use_cache``
+            (default ``config.use_cache``) asks for it and gradients are off: a training
+            forward never builds one, and gradient-checkpointed training drops a given one.
         vision_mask: ``(B, T)`` bool, True at vision tokens of this input. Only a prefill
             (empty or no cache) may carry vision tokens.
 
@@ -293,18 +329,11 @@ def pruned_decoder_forward(
             f"{tuple(attention_mask.shape)}"
         )
     batch, length, _ = inputs_embeds.shape
-    use_cache = config.use_cache if use_cache is None else use_cache
-    if use_cache and past_key_values is None:
-        past_key_values = DynamicCache(config=config)
-    if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
-        raise TypeError(
-            f"vision-token pruning keeps a different length per layer and needs a DynamicCache; "
-            f"got {type(past_key_values).__name__}"
-        )
+    cache, use_cache = _resolve_cache(decoder, cache, use_cache, kwargs)
     has_vision = vision_mask is not None and bool(vision_mask.any())
-    state: PrefillState | None = getattr(past_key_values, ADSC_STATE_ATTR, None)
-    cache_empty = past_key_values is None or all(
-        past_key_values.get_seq_length(i) == 0 for i in range(len(past_key_values.layers))
+    state: PrefillState | None = getattr(cache, ADSC_STATE_ATTR, None)
+    cache_empty = cache is None or all(
+        cache.get_seq_length(i) == 0 for i in range(len(cache.layers))
     )
     if cache_empty:
         state = None
@@ -321,11 +350,11 @@ def pruned_decoder_forward(
     if state is not None:
         hidden = _decode_step(
             decoder, state, schedule_bounds, inputs_embeds, attention_mask, position_ids,
-            past_key_values, use_cache, kwargs,
+            cache, use_cache, kwargs,
         )
-        return PrunedDecoderOutput(last_hidden_state=decoder.norm(hidden), past_key_values=past_key_values)
+        return PrunedDecoderOutput(last_hidden_state=decoder.norm(hidden), **compat.output_cache_kwargs(cache))
 
-    past_length = 0 if past_key_values is None else past_key_values.get_seq_length(0)
+    past_length = 0 if cache is None else cache.get_seq_length(0)
     if position_ids is None:
         position_ids = torch.arange(length, device=inputs_embeds.device) + past_length
     position_ids = position_ids.expand(batch, -1) if position_ids.dim() == 2 else position_ids.unsqueeze(0).expand(batch, -1)
@@ -364,14 +393,14 @@ def pruned_decoder_forward(
         padded_lengths[first:end] = [hidden.shape[1]] * (end - first)
         if end > first:
             hidden = _run_stage(
-                decoder, layers[first:end], hidden, slot_mask, positions, past_key_values,
+                decoder, layers[first:end], hidden, slot_mask, positions, cache,
                 use_cache, first, stage == 0, kwargs,
             )
     hidden = decoder.norm(hidden)
 
-    if past_key_values is not None and use_cache:
+    if cache is not None and use_cache:
         setattr(
-            past_key_values,
+            cache,
             ADSC_STATE_ATTR,
             PrefillState(length, tuple(first for first, _ in schedule_bounds), stage_masks),
         )
@@ -384,8 +413,8 @@ def pruned_decoder_forward(
     )
     return PrunedDecoderOutput(
         last_hidden_state=hidden,
-        past_key_values=past_key_values if use_cache else None,
         token_positions=slot_index,
+        **compat.output_cache_kwargs(cache),
     )
 
 

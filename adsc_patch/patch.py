@@ -8,7 +8,9 @@ Two kinds of model are handled:
   the instance's forwards are swapped, weights and classes untouched (output-capture hooks
   registered by class name keep working). Image positions are read from ``input_ids ==
   config.image_token_id`` at prefill; with ``labels`` the loss is computed over the pruned
-  sequence exactly as without pruning (every text target once).
+  sequence exactly as without pruning (every text target once). The outputs are
+  transformers' own classes with their own fields only; which input position each logit
+  belongs to is on the trace (``last_trace(model).token_positions``).
 
 ``remove_adsc`` restores the original behaviour; ``last_trace`` returns the
 ``PruningTrace`` of the last pruned prefill.
@@ -20,7 +22,9 @@ import functools
 import types
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from . import compat
 from .decoder import AdscPlan, PruningTrace, compact_labels, pruned_decoder_forward
 from .schedule import ScheduleError, VisionSchedule, solve_drop_ratio, vision_schedule
 
@@ -128,25 +132,32 @@ def last_trace(model) -> PruningTrace | None:
     return getattr(language_model, "adsc_trace", None)
 
 
-def _language_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                            inputs_embeds=None, use_cache=None, adsc_vision_mask=None, **kwargs):
+def _language_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                            use_cache=None, adsc_vision_mask=None, **kwargs):
     plan: AdscPlan = getattr(self, _PLAN_ATTR)
+    cache = compat.take_cache(kwargs, where="the language model's forward")
+    compat.reject_stray_cache(kwargs, "the language model's forward")
     if not plan.enabled:
         return type(self).forward(
             self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **compat.cache_kwargs(cache), **kwargs,
         )
     outputs = pruned_decoder_forward(
         self, plan, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-        vision_mask=adsc_vision_mask, **kwargs,
+        cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, vision_mask=adsc_vision_mask, **kwargs,
     )
     setattr(self, _POSITIONS_ATTR, outputs.token_positions)
-    return outputs
+    # transformers' LlavaModel builds its own output from every field of this one: only
+    # BaseModelOutputWithPast's fields may be on it (the positions travel on the module).
+    return BaseModelOutputWithPast(
+        last_hidden_state=outputs.last_hidden_state, **compat.output_cache_kwargs(compat.output_cache(outputs))
+    )
 
 
 def _llava_model_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                         past_key_values=None, inputs_embeds=None, **kwargs):
+                         inputs_embeds=None, **kwargs):
+    cache = compat.take_cache(kwargs, where="LlavaModel.forward")
+    compat.reject_stray_cache(kwargs, "LlavaModel.forward")
     vision_mask = None
     if input_ids is not None:
         vision_mask = input_ids == self.config.image_token_id
@@ -160,16 +171,14 @@ def _llava_model_forward(self, input_ids=None, pixel_values=None, attention_mask
     setattr(self.language_model, _POSITIONS_ATTR, None)
     return type(self).forward(
         self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-        position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-        adsc_vision_mask=vision_mask, **kwargs,
+        position_ids=position_ids, inputs_embeds=inputs_embeds, adsc_vision_mask=vision_mask,
+        **compat.cache_kwargs(cache), **kwargs,
     )
 
 
 def _top_forward(self, *args, labels=None, **kwargs):
     outputs = type(self).forward(self, *args, **kwargs)
     positions = getattr(self.model.language_model, _POSITIONS_ATTR, None)
-    if positions is not None:
-        outputs["token_positions"] = positions
     if labels is not None:
         if positions is not None:
             labels = compact_labels(labels, positions, _IGNORE_INDEX)

@@ -37,6 +37,7 @@ from adsc_patch import (
     solve_drop_ratio,
     vision_schedule,
 )
+from adsc_patch import compat
 from adsc_patch.select import SELECTIONS
 
 from ...constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -157,12 +158,17 @@ class LlavaLlamaModel(LlamaModel):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
         vision_mask: torch.Tensor | None = None,
         **kwargs,
     ):
+        """``LlamaModel.forward``, or the pruned loop when the config asks for pruning.
+
+        The KV cache comes as ``cache`` or ``past_key_values`` (either transformers release).
+        """
+        cache = compat.take_cache(kwargs, where="LlavaLlamaModel.forward")
+        compat.reject_stray_cache(kwargs, "LlavaLlamaModel.forward")
         plan = self.adsc_plan()
         if plan.enabled:
             return pruned_decoder_forward(
@@ -171,7 +177,7 @@ class LlavaLlamaModel(LlamaModel):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 vision_mask=vision_mask,
@@ -181,9 +187,9 @@ class LlavaLlamaModel(LlamaModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **compat.cache_kwargs(cache),
             **kwargs,
         )
 
@@ -348,7 +354,6 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -363,8 +368,12 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
 
         ``input_ids`` may contain ``IMAGE_TOKEN_INDEX`` markers (then ``images`` is required);
         the spliced sequence gets position ids from the padding mask. ``image_sizes`` is
-        accepted for API compatibility (LLaVA-1.5's square inputs do not use it).
+        accepted for API compatibility (LLaVA-1.5's square inputs do not use it). The KV
+        cache comes as ``cache`` or ``past_key_values`` and is returned in the field the
+        installed transformers reads (``adsc_patch.compat``).
         """
+        cache = compat.take_cache(kwargs, where="LlavaLlamaForCausalLM.forward")
+        compat.reject_stray_cache(kwargs, "LlavaLlamaForCausalLM.forward")
         if inputs_embeds is None and input_ids is not None and bool((input_ids == IMAGE_TOKEN_INDEX).any()):
             if images is None:
                 raise ValueError("input_ids contain <image> markers but no images were given")
@@ -375,17 +384,17 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             position_ids = spliced.position_ids
             labels = spliced.labels
             vision_mask = spliced.vision_mask
-        elif images is not None and past_key_values is None and input_ids is not None:
+        elif images is not None and cache is None and input_ids is not None:
             raise ValueError(f"{_count_images(images)} image(s) given but the prompts contain no <image> marker")
 
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             vision_mask=vision_mask,
+            **compat.cache_kwargs(cache),
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -400,10 +409,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         return LlavaCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
             token_positions=token_positions,
+            **compat.output_cache_kwargs(compat.output_cache(outputs)),
         )
 
     @torch.no_grad()
@@ -419,7 +428,14 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
 
         ``inputs``: ``(B, L)`` prompt ids with image markers, left- or right-padded (spliced
         rows are re-padded on the left). ``images``: one tensor ``(n, 3, H, W)`` or a list.
+
+        Generation always runs with a KV cache: transformers generates from
+        ``inputs_embeds`` (how images enter) only with one and turns ``use_cache=False``
+        back on; a warning says so.
         """
+        if kwargs.get("use_cache") is False:
+            logger.warning("generate(use_cache=False) is ignored: transformers generates from inputs_embeds "
+                           "(how images enter the model) only with a KV cache")
         if "inputs_embeds" in kwargs:
             return super().generate(attention_mask=attention_mask, **kwargs)
         if inputs is None:

@@ -1,0 +1,191 @@
+"""transformers' names and internals that differ between releases, resolved once at import.
+
+Everything of ours that hands a KV cache to transformers, or reads one back, goes through
+this module; nothing else in ``adsc_patch`` or ``llava`` spells a cache keyword.
+
+What is read off the installed transformers (signatures and dataclass fields, not version
+strings):
+
+* ``CACHE_KWARG``: the keyword under which ``LlamaDecoderLayer.forward``,
+  ``LlamaModel.forward``, ``create_causal_mask``, ``LlavaModel.forward`` and
+  ``GenerationMixin.prepare_inputs_for_generation`` take the cache (``past_key_values`` up
+  to 5.23, ``cache`` from 5.24);
+* ``OUTPUT_CACHE_FIELD``: the field of ``BaseModelOutputWithPast`` and
+  ``CausalLMOutputWithPast`` that holds it (the same rename);
+* that ``create_causal_mask`` sizes a mask by ``layer_idx`` and that a ``DynamicCache``
+  reports per-layer lengths (the pruned loop relies on both).
+
+A layout this module does not recognise raises ``TransformersLayoutError`` at import,
+naming the installed version and the tested range; a recognised layout outside the tested
+range only logs a warning. ``docs/compatibility.md`` says how to test and widen the range.
+
+Our entry points accept the cache under either name (``take_cache``) and pass it on under
+the installed one (``cache_kwargs``); a ``Cache`` left in ``**kwargs`` after that is an error
+(``reject_stray_cache``), so the next rename fails loudly instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import transformers
+from packaging.version import Version
+from transformers.cache_utils import Cache, DynamicCache
+
+__all__ = [
+    "CACHE_KWARG",
+    "CACHE_NAMES",
+    "LAYOUT",
+    "OUTPUT_CACHE_FIELD",
+    "TESTED_TRANSFORMERS",
+    "TransformersLayout",
+    "TransformersLayoutError",
+    "cache_kwargs",
+    "output_cache",
+    "output_cache_kwargs",
+    "read_installed_layout",
+    "reject_stray_cache",
+    "resolve_layout",
+    "take_cache",
+]
+
+logger = logging.getLogger(__name__)
+
+# The releases CI tests (both ends); setup.py states the same range.
+TESTED_TRANSFORMERS = (Version("5.23.0"), Version("5.25.0"))  # lowest tested, first untested
+TESTED_RANGE_TEXT = ">=5.23,<5.25"
+
+# Every name a release of transformers 5 has used for the KV-cache argument, newest first.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+class TransformersLayoutError(ImportError):
+    """The installed transformers is laid out in a way this release does not know."""
+
+
+@dataclass(frozen=True)
+class TransformersLayout:
+    """What the installed transformers calls things (see the module docstring)."""
+
+    version: str
+    cache_kwarg: str
+    output_cache_field: str
+
+
+def _parameters(function: Callable) -> list[str]:
+    return list(inspect.signature(function).parameters)  # follows functools.wraps (deprecate_kwarg)
+
+
+def read_installed_layout() -> dict[str, Any]:
+    """The raw facts ``resolve_layout`` decides on, read off the installed transformers."""
+    from transformers import LlavaModel
+    from transformers.generation.utils import GenerationMixin
+    from transformers.masking_utils import create_causal_mask
+    from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
+
+    return {
+        "version": transformers.__version__,
+        "signatures": {
+            "LlamaDecoderLayer.forward": _parameters(LlamaDecoderLayer.forward),
+            "LlamaModel.forward": _parameters(LlamaModel.forward),
+            "create_causal_mask": _parameters(create_causal_mask),
+            "LlavaModel.forward": _parameters(LlavaModel.forward),
+            "GenerationMixin.prepare_inputs_for_generation": _parameters(GenerationMixin.prepare_inputs_for_generation),
+        },
+        "output_fields": {
+            "BaseModelOutputWithPast": [f.name for f in dataclasses.fields(BaseModelOutputWithPast)],
+            "CausalLMOutputWithPast": [f.name for f in dataclasses.fields(CausalLMOutputWithPast)],
+        },
+        "cache_has_layers": isinstance(getattr(DynamicCache(), "layers", None), list),
+        "cache_length_per_layer": "layer_idx" in _parameters(DynamicCache.get_seq_length),
+    }
+
+
+def resolve_layout(facts: dict[str, Any]) -> TransformersLayout:
+    """Decide the names from ``facts`` (``read_installed_layout``'s form); raise on anything unknown."""
+    version = facts["version"]
+
+    def unknown(what: str) -> TransformersLayoutError:
+        return TransformersLayoutError(
+            f"transformers {version} is laid out in a way adsc_patch does not know: {what}. "
+            f"adsc_patch is tested with transformers {TESTED_RANGE_TEXT}; install a release in that "
+            f"range (pip install 'transformers{TESTED_RANGE_TEXT}') or see docs/compatibility.md"
+        )
+
+    def one_cache_name(where: str, names: list[str]) -> str:
+        found = [name for name in CACHE_NAMES if name in names]
+        if len(found) != 1:
+            raise unknown(f"{where} has {'no' if not found else 'more than one'} cache argument among "
+                          f"{CACHE_NAMES} (it has {names})")
+        return found[0]
+
+    kwargs = {where: one_cache_name(where, names) for where, names in facts["signatures"].items()}
+    fields = {where: one_cache_name(where, names) for where, names in facts["output_fields"].items()}
+    if len(set(kwargs.values())) != 1:
+        raise unknown(f"the cache argument is named differently across functions ({kwargs})")
+    if len(set(fields.values())) != 1:
+        raise unknown(f"the cache output field is named differently across output classes ({fields})")
+    if "layer_idx" not in facts["signatures"]["create_causal_mask"]:
+        raise unknown("create_causal_mask takes no layer_idx (a pruned stage's mask is sized by its first layer)")
+    if not (facts["cache_has_layers"] and facts["cache_length_per_layer"]):
+        raise unknown("DynamicCache has no per-layer lengths (pruned layers cache different lengths)")
+    layout = TransformersLayout(version, next(iter(kwargs.values())), next(iter(fields.values())))
+    low, high = TESTED_TRANSFORMERS
+    if not low <= Version(version) < high:
+        logger.warning(
+            "transformers %s is outside the tested range %s; its layout is recognised (cache argument %r), "
+            "but run the compatibility tests before trusting pruned results (docs/compatibility.md)",
+            version, TESTED_RANGE_TEXT, layout.cache_kwarg,
+        )
+    return layout
+
+
+LAYOUT = resolve_layout(read_installed_layout())
+CACHE_KWARG = LAYOUT.cache_kwarg
+OUTPUT_CACHE_FIELD = LAYOUT.output_cache_field
+
+
+def take_cache(kwargs: dict, given: Cache | None = None, where: str = "forward") -> Cache | None:
+    """Pop the cache from ``kwargs`` under any of its names; ``given`` is an explicit argument.
+
+    Two different non-None caches (under two names) are an error, never a silent choice.
+    """
+    found = [(name, kwargs.pop(name)) for name in CACHE_NAMES if name in kwargs]
+    candidates = [(name, value) for name, value in found if value is not None]
+    if given is not None:
+        candidates.insert(0, ("the cache argument", given))
+    distinct = {id(value): name for name, value in candidates}
+    if len(distinct) > 1:
+        raise TypeError(f"{where} got two different caches ({', '.join(distinct.values())}); pass one")
+    return candidates[0][1] if candidates else None
+
+
+def reject_stray_cache(kwargs: dict, where: str) -> None:
+    """Raise if a ``Cache`` still rides in ``kwargs``: a name this module does not know."""
+    stray = [name for name, value in kwargs.items() if isinstance(value, Cache)]
+    if stray:
+        raise TypeError(
+            f"{where} got a KV cache under the keyword(s) {stray}, which adsc_patch does not know "
+            f"(known: {CACHE_NAMES}; installed transformers {LAYOUT.version} uses {CACHE_KWARG!r}); "
+            "a renamed cache argument would otherwise be dropped silently: see docs/compatibility.md"
+        )
+
+
+def cache_kwargs(cache: Cache | None) -> dict[str, Cache | None]:
+    """``{name: cache}`` for calling transformers' models, layers and mask builders."""
+    return {CACHE_KWARG: cache}
+
+
+def output_cache_kwargs(cache: Cache | None) -> dict[str, Cache | None]:
+    """``{field: cache}`` for building transformers' output dataclasses."""
+    return {OUTPUT_CACHE_FIELD: cache}
+
+
+def output_cache(output) -> Cache | None:
+    """The cache an output of transformers (or ours) carries."""
+    return getattr(output, OUTPUT_CACHE_FIELD, None)
