@@ -2,12 +2,14 @@
 
 from setuptools import find_packages, setup
 
-# torch: the upper bound makes a fresh CPU install take 2.13.0 (the tested release, a CPU
-# wheel on our CI machines) instead of a newer multi-GB CUDA build; an installed torch in
-# range is kept as it is.
+# The ranges we test. transformers: both ends are tested on every submission (the lowest
+# release in a second environment; adsc_patch.compat reads its internals at import and says
+# the same range). torch has no upper cap: a GPU machine keeps the CUDA build it has. The
+# exact tested CPU environment is requirements/lock-cpu.txt, which scripts/quickstart.sh and
+# scripts/test.sh install by default (docs/compatibility.md).
 CORE = [
-    "torch>=2.6,<=2.13.0",
-    "transformers>=5.23,<6",
+    "torch>=2.6",
+    "transformers>=5.23,<5.25",
     "peft>=0.17",
     "accelerate>=1.10",
     "safetensors>=0.5",

@@ -10,8 +10,8 @@ strings):
   ``LlamaModel.forward``, ``create_causal_mask``, ``LlavaModel.forward`` and
   ``GenerationMixin.prepare_inputs_for_generation`` take the cache (``past_key_values`` up
   to 5.23, ``cache`` from 5.24);
-* ``OUTPUT_CACHE_FIELD``: the field of ``BaseModelOutputWithPast`` and
-  ``CausalLMOutputWithPast`` that holds it (the same rename);
+* ``OUTPUT_CACHE_FIELD``: the field of ``BaseModelOutputWithPast``,
+  ``CausalLMOutputWithPast`` and ``generate``'s outputs that holds it (the same rename);
 * that ``create_causal_mask`` sizes a mask by ``layer_idx`` and that a ``DynamicCache``
   reports per-layer lengths (the pruned loop relies on both).
 
@@ -83,7 +83,7 @@ def _parameters(function: Callable) -> list[str]:
 def read_installed_layout() -> dict[str, Any]:
     """The raw facts ``resolve_layout`` decides on, read off the installed transformers."""
     from transformers import LlavaModel
-    from transformers.generation.utils import GenerationMixin
+    from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, GenerationMixin
     from transformers.masking_utils import create_causal_mask
     from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
@@ -100,6 +100,8 @@ def read_installed_layout() -> dict[str, Any]:
         "output_fields": {
             "BaseModelOutputWithPast": [f.name for f in dataclasses.fields(BaseModelOutputWithPast)],
             "CausalLMOutputWithPast": [f.name for f in dataclasses.fields(CausalLMOutputWithPast)],
+            "GenerateDecoderOnlyOutput": [f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)],
+            "GenerateBeamDecoderOnlyOutput": [f.name for f in dataclasses.fields(GenerateBeamDecoderOnlyOutput)],
         },
         "cache_has_layers": isinstance(getattr(DynamicCache(), "layers", None), list),
         "cache_length_per_layer": "layer_idx" in _parameters(DynamicCache.get_seq_length),

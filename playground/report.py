@@ -59,12 +59,15 @@ def _prefill_ms(model, input_ids, mask, pixels, repeats: int = 5) -> float:
 def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
     """Per setting: analytic FLOPs (prefill + decode of one transcription) and peak KV cache
     (``adsc_patch.profile``), and the measured median prefill time of one batch of
-    transcription prompts; every setting is timed on the same model in this one run."""
+    transcription prompts; every schedule is timed once, on the same model, in this one run
+    (settings that share a schedule, such as a fine-tune and its training-free twin, share
+    the measurement)."""
     model, input_ids, mask, pixels, text_tokens = _model_and_batch(settings["full"].path, eval_dir, batch, device)
     shape = DecoderShape.from_config(model.config)
     n_vision = model.get_vision_tower().num_patches
     bytes_per_value = torch.finfo(model.dtype).bits // 8
     out = {}
+    prefill_ms: dict[tuple, float] = {}
     for name, setting in settings.items():
         if setting.schedule is not None:
             model.configure_pruning(**setting.schedule)
@@ -74,6 +77,9 @@ def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
             saved = LlavaConfig.from_pretrained(setting.path)
             model.configure_pruning(prune_layers=saved.prune_layers, drop_ratio=saved.drop_ratio)
         schedule = model.vision_schedule()
+        key = (schedule.prune_layers, schedule.drop_ratio) if schedule.enabled else ()
+        if key not in prefill_ms:
+            prefill_ms[key] = _prefill_ms(model, input_ids, mask, pixels)
         cost = generation_cost(shape, text_tokens, ANSWER_TOKENS, schedule=schedule if schedule.enabled else None,
                                vision_tokens=n_vision, bytes_per_value=bytes_per_value)
         out[name] = {
@@ -82,7 +88,7 @@ def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
             "gflops": cost.total_flops / 1e9,
             "prefill_gflops": cost.prefill_flops / 1e9,
             "peak_kv_kb": cost.peak_kv_bytes / 2**10,
-            "prefill_ms": _prefill_ms(model, input_ids, mask, pixels),
+            "prefill_ms": prefill_ms[key],
         }
     out["_assumptions"] = {
         "text_tokens": text_tokens, "answer_tokens": ANSWER_TOKENS, "batch_for_timing": int(input_ids.shape[0]),
@@ -100,44 +106,97 @@ def _num(x) -> str:
     return "—" if x is None else f"{x:.1f}".replace("-0.0", "0.0")
 
 
+SCORES = ("cell_accuracy", "exact_match", *SECONDARY)
+
+
+def _relative(row: dict, full: float) -> dict:
+    relative = relative_scores({"transcribe": row["cell_accuracy"]}, {"transcribe": full})
+    row["relative_to_full"], row["drop_points"] = relative["avg_relative"], relative["drop_points"]
+    return row
+
+
 def _rows(settings: dict, results: dict, cost: dict) -> list[dict]:
     full = results["full"]["transcribe"]["cell_accuracy"]
     rows = []
     for name, setting in settings.items():
         result = results[name]
         row = {"setting": name, "method": setting.method, "budget": setting.budget, "ablation": setting.ablation,
-               "average_vision_tokens": cost[name]["average_vision_tokens"],
+               "seed": setting.seed, "average_vision_tokens": cost[name]["average_vision_tokens"],
                "cell_accuracy": result["transcribe"]["cell_accuracy"],
                "exact_match": result["transcribe"]["exact_match"]}
         row.update({category: result[category]["accuracy"] for category in SECONDARY if category in result})
-        relative = relative_scores({"transcribe": row["cell_accuracy"]}, {"transcribe": full})
-        row["relative_to_full"], row["drop_points"] = relative["avg_relative"], relative["drop_points"]
-        rows.append(row)
+        rows.append(_relative(row, full))
     return rows
+
+
+def merge_seeds(rows: list[dict]) -> list[dict]:
+    """One row per setting: rows that differ only in their fine-tune seed become their mean.
+
+    The merged row keeps the first seed's name and adds ``seeds``, ``per_seed_cell_accuracy``
+    and ``cell_accuracy_range`` (min, max); relative and drop are of the mean.
+    """
+    full = next(r for r in rows if r["setting"] == "full")["cell_accuracy"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["method"], row["budget"], row["ablation"]) if row["seed"] is not None else (row["setting"],)
+        groups.setdefault(key, []).append(row)
+    merged = []
+    for group in groups.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        row = dict(group[0])
+        for score in SCORES:
+            if all(score in r for r in group):
+                row[score] = statistics.mean(r[score] for r in group)
+        accuracies = [r["cell_accuracy"] for r in group]
+        row.update(seeds=[r["seed"] for r in group], per_seed_cell_accuracy=accuracies,
+                   cell_accuracy_range=[min(accuracies), max(accuracies)])
+        merged.append(_relative(row, full))
+    return merged
 
 
 def _header(*columns: str) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
 
 
+def _accuracy_cell(row: dict) -> str:
+    if "cell_accuracy_range" not in row:
+        return _pct(row["cell_accuracy"])
+    low, high = row["cell_accuracy_range"]
+    return f"{_pct(row['cell_accuracy'])} ({_pct(low)}–{_pct(high)}, {len(row['seeds'])} seeds)"
+
+
 def _accuracy_table(rows: list[dict]) -> list[str]:
     lines = _header("setting", "method", "avg vision tokens", "cell acc (%)", "exact match (%)", *SECONDARY,
                     "rel. to full (%)", "drop (pts)")
     for r in rows:
-        cells = [r["setting"], r["method"], f"{r['average_vision_tokens']:.1f}", _pct(r["cell_accuracy"]),
+        cells = [r["setting"], r["method"], f"{r['average_vision_tokens']:.1f}", _accuracy_cell(r),
                  _pct(r["exact_match"]), *(_pct(r.get(n)) for n in SECONDARY), _num(r["relative_to_full"]),
                  "" if r["setting"] == "full" else _num(r["drop_points"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _efficiency_table(cost: dict) -> list[str]:
+def _seed_table(rows: list[dict]) -> list[str]:
+    """Cell accuracy of every fine-tune seed, one line per merged setting."""
+    merged = [r for r in rows if "seeds" in r]
+    seeds = sorted({s for r in merged for s in r["seeds"]})
+    lines = _header("setting", *(f"seed {s}" for s in seeds), "mean", "spread (max - min, pts)")
+    for r in merged:
+        by_seed = dict(zip(r["seeds"], r["per_seed_cell_accuracy"]))
+        low, high = r["cell_accuracy_range"]
+        lines.append(f"| {r['setting']} | " + " | ".join(_pct(by_seed.get(s)) for s in seeds)
+                     + f" | {_pct(r['cell_accuracy'])} | {100 * (high - low):.1f} |")
+    return lines
+
+
+def _efficiency_table(cost: dict, shown: list[str]) -> list[str]:
     base = cost["full"]
     lines = _header("setting", "avg vision tokens", "GFLOPs (prefill + decode)", "rel. (%)", "peak KV (KiB)",
                     "rel. (%)", "prefill of one batch (ms)", "rel. (%)")
-    for name, c in cost.items():
-        if name.startswith("_"):
-            continue
+    for name in shown:
+        c = cost[name]
         lines.append(
             f"| {name} | {c['average_vision_tokens']:.1f} | {c['gflops']:.3f} | {100 * c['gflops'] / base['gflops']:.1f} "
             f"| {c['peak_kv_kb']:.1f} | {100 * c['peak_kv_kb'] / base['peak_kv_kb']:.1f} | {c['prefill_ms']:.1f} "
@@ -146,31 +205,38 @@ def _efficiency_table(cost: dict) -> list[str]:
     a = cost["_assumptions"]
     lines += ["", f"FLOPs and KV cache: one prompt of {a['text_tokens']} text tokens and one image, {a['answer_tokens']} "
               f"answer tokens, {a['bytes_per_value']}-byte values (analytic, `adsc_patch.profile`). Prefill: median of 5 "
-              f"after a warm-up, a batch of {a['batch_for_timing']} prompts on {a['device']}, all settings in one run."]
+              f"after a warm-up, a batch of {a['batch_for_timing']} prompts on {a['device']}, every schedule in one run "
+              "(settings with the same schedule share it)."]
     return lines
 
 
 def write_report(run_dir: str, settings: dict, results: dict, cost: dict, config: dict, timings: dict) -> dict:
     """``results.json``, ``results.md`` and ``accuracy_vs_tokens.png`` in ``run_dir``; returns the summary."""
     rows = _rows(settings, results, cost)
-    main_rows = [r for r in rows if r["ablation"] is None]
+    merged = merge_seeds(rows)
+    main_rows = [r for r in merged if r["ablation"] is None]
     lines = ["# DigitGrid: ADSC in miniature", "",
              "Evaluation grids use handwritten digits never seen in training. Main task: transcription, scored per "
              "cell; `read`/`count`/`exist`/`locate` are secondary questions with no target. Relative = cell accuracy "
              "over the full model's; drop = 100 - relative, as in the paper.", "",
              "## Accuracy vs. vision-token budget (Table I analog)", "", *_accuracy_table(main_rows)]
-    ablations = [r for r in rows if r["ablation"] is not None]
+    if any("seeds" in r for r in merged):
+        lines += ["", "## The fine-tunes' seeds", "",
+                  "Cell accuracy (%) of each ADSC fine-tune seed (data, tower and full model are shared); the table "
+                  "above shows their mean and range.", "", *_seed_table(merged)]
+    ablations = [r for r in merged if r["ablation"] is not None]
     if ablations:
         budget = ablations[0]["budget"]
-        reference = [r for r in rows if r["setting"] in ("full", f"adsc-{budget}")]
+        reference = [r for r in merged if r["setting"] in ("full", f"adsc-{budget}")]
         for table, title in (("regime", "Training regime"), ("curriculum", "Curriculum")):
             number = "II" if table == "regime" else "III"
             chosen = [r for r in ablations if r["ablation"] == table]
             lines += ["", f"## {title} at budget {budget} (Table {number} analog)", "",
                       *_accuracy_table(reference[:1] + chosen + reference[1:])]
-    lines += ["", "## Compute and memory (Table IV analog)", "", *_efficiency_table(cost)]
+    lines += ["", "## Compute and memory (Table IV analog)", "",
+              *_efficiency_table(cost, [r["setting"] for r in merged])]
     markdown = "\n".join(lines) + "\n"
-    summary = {"rows": rows, "efficiency": cost, "config": config, "timings_s": timings, "markdown": markdown}
+    summary = {"rows": rows, "merged_rows": merged, "efficiency": cost, "config": config, "timings_s": timings, "markdown": markdown}
     write_json_atomic(os.path.join(run_dir, "results.json"), summary)
     write_text_atomic(os.path.join(run_dir, "results.md"), markdown)
     _plot(os.path.join(run_dir, "accuracy_vs_tokens.png"), main_rows)
@@ -178,7 +244,8 @@ def write_report(run_dir: str, settings: dict, results: dict, cost: dict, config
 
 
 def _plot(path: str, rows: list[dict]) -> None:
-    """Figure 2 analog: cell accuracy against average vision tokens, one line per method."""
+    """Figure 2 analog: cell accuracy against average vision tokens, one line per method (bars:
+    the range over fine-tune seeds, where several ran)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,10 +258,14 @@ def _plot(path: str, rows: list[dict]) -> None:
         if r["setting"] == "full":
             full = r
             continue
-        methods.setdefault(r["method"], []).append((r["average_vision_tokens"], 100 * r["cell_accuracy"]))
+        low, high = r.get("cell_accuracy_range", (r["cell_accuracy"], r["cell_accuracy"]))
+        methods.setdefault(r["method"], []).append(
+            (r["average_vision_tokens"], 100 * r["cell_accuracy"], 100 * low, 100 * high))
     for method, points in methods.items():
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        x, y = [p[0] for p in points], [p[1] for p in points]
+        spread = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+        ax.errorbar(x, y, yerr=spread if any(map(any, spread)) else None, marker="o", capsize=3, label=method)
     if full is not None:
         ax.axhline(100 * full["cell_accuracy"], linestyle="--", color="grey",
                    label=f"full model ({full['average_vision_tokens']:.0f} tokens)")

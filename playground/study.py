@@ -77,6 +77,8 @@ class StudyConfig:
     lora_alpha: int = 64
     lora_dropout: float = 0.0
     curriculum: str = "reverse"
+    curriculum_phase_fractions: tuple = ()  # share of the ADSC steps per curriculum phase (empty: equal thirds)
+    finetune_seeds: tuple = ()  # seeds of the ADSC fine-tunes (empty: `seed` only); more seeds add rows
     eval_batch: int = 32
     ablations: bool = False
     ablation_budget: str = "1of9"  # Tables II/III analogs at this budget (the paper's are at 192 of 576)
@@ -101,7 +103,7 @@ class StudyConfig:
 
 
 # May differ between runs in one folder: they change what is added or how fast, not what is there.
-FIELDS_FREE_ON_RESUME = ("name", "device", "ablations", "eval_batch")
+FIELDS_FREE_ON_RESUME = ("name", "device", "ablations", "eval_batch", "finetune_seeds")
 
 
 class Study:
@@ -227,7 +229,8 @@ class Study:
 
     def adsc(self, label: str, fraction: float, tag: str = "", **overrides) -> str:
         """Fine-tune the full model with ADSC at ``fraction`` of the vision tokens through the
-        user-facing script, then merge the adapter into a complete checkpoint."""
+        user-facing script, then merge the adapter into a complete checkpoint. ``overrides``:
+        ``finetune_mode``, ``curriculum``, ``lr``, ``seed`` (default: the study's)."""
         c = self.config
         name = f"adsc-{label}{tag}"
         lora_out = os.path.join(self.ckpt, name + "-lora")
@@ -240,11 +243,12 @@ class Study:
                 MODEL_PATH=os.path.join(self.ckpt, "full"), DATA_PATH=os.path.join(self.data_dir, "train.json"),
                 IMAGE_FOLDER=self.data_dir, OUTPUT_DIR=lora_out, BUDGET=f"{self.budget_tokens(fraction):.6f}",
                 PRUNE_LAYERS=",".join(map(str, c.prune_layers)), CURRICULUM=overrides.get("curriculum", c.curriculum),
+                PHASE_FRACTIONS=",".join(f"{x:g}" for x in c.curriculum_phase_fractions),
                 FINETUNE_MODE=mode, LORA_R=str(c.lora_r), LORA_ALPHA=str(c.lora_alpha), LORA_DROPOUT=str(c.lora_dropout),
                 LR=str(overrides.get("lr", c.adsc_lr)), MM_PROJECTOR_LR=str(c.adsc_projector_lr),
                 GLOBAL_BATCH=str(c.adsc_batch), PER_DEVICE_BATCH=str(c.adsc_batch), MAX_STEPS=str(c.adsc_steps),
                 MAX_LENGTH="512", WARMUP_RATIO="0.05", LOGGING_STEPS="10", GRADIENT_CHECKPOINTING="False",
-                SAVE_STEPS="100000", SEED=str(c.seed), NUM_WORKERS="0",
+                SAVE_STEPS="100000", SEED=str(overrides.get("seed", c.seed)), NUM_WORKERS="0",
                 PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
             )
             if c.device == "cpu":
@@ -298,7 +302,10 @@ class Study:
                 continue
             schedule = {"prune_layers": list(c.prune_layers), "vision_token_budget": self.budget_tokens(fraction)}
             settings[f"training-free-{label}"] = Setting("ADSC schedule, no fine-tuning", label, full, schedule)
-            settings[f"adsc-{label}"] = Setting("ADSC (LoRA, reverse curriculum)", label, self.adsc(label, fraction))
+            for seed in self.finetune_seeds():
+                tag = "" if seed == c.seed else f"-seed{seed}"
+                settings[f"adsc-{label}{tag}"] = Setting("ADSC (LoRA, reverse curriculum)", label,
+                                                         self.adsc(label, fraction, tag, seed=seed), seed=seed)
         if c.ablations:
             label = c.ablation_budget
             fraction = dict(BUDGETS)[label]
@@ -310,6 +317,12 @@ class Study:
                 path = self.adsc(label, fraction, f"-{tag}", **overrides)
                 settings[f"adsc-{label}-{tag}"] = Setting(method, label, path, ablation=table)
         return settings
+
+    def finetune_seeds(self) -> tuple[int, ...]:
+        """The seeds each ADSC fine-tune runs with; the study's own seed first (its rows keep
+        the plain names ``adsc-1of3`` ...; other seeds add ``-seedN``)."""
+        c = self.config
+        return (c.seed, *[s for s in dict.fromkeys(c.finetune_seeds) if s != c.seed])
 
     def run(self) -> dict:
         self.data()
@@ -335,6 +348,8 @@ class Setting:
     ``schedule`` (``prune_layers`` + ``vision_token_budget``) is applied at evaluation;
     ``None`` means the checkpoint's own saved schedule (none for the full model).
     ``ablation``: ``None`` for Table I rows, ``"regime"`` (Table II) or ``"curriculum"`` (III).
+    ``seed``: the fine-tune's seed (``None``: not fine-tuned here); rows that differ only in
+    it are reported as a mean with its spread.
     """
 
     method: str
@@ -342,12 +357,23 @@ class Setting:
     path: str
     schedule: dict | None = None
     ablation: str | None = None
+    seed: int | None = None
 
     def flags(self) -> list[str]:
         if self.schedule is None:
             return []
         return ["--prune-layers", ",".join(map(str, self.schedule["prune_layers"])),
                 "--vision-token-budget", f"{self.schedule['vision_token_budget']:.6f}"]
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct non-negative integers")
+    return seeds
 
 
 def _merge(lora_dir: str, base: str, out: str) -> None:
@@ -363,6 +389,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--name", default=None, help="run folder under playground/runs (default: default / smoke)")
     parser.add_argument("--smoke", action="store_true", help="a few minutes, for CI")
     parser.add_argument("--ablations", action="store_true", help="add Tables II/III: full FT, standard/direct curricula")
+    parser.add_argument("--seeds", default=None, type=_seed_list,
+                        help="seeds of the ADSC fine-tunes, e.g. 0,1,2: each budget is fine-tuned once per seed "
+                             "and reported as mean and spread (data, tower and full model keep --config's seed)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--config", default=None, help="JSON file of StudyConfig fields to override")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "playground"),
@@ -381,6 +410,8 @@ def main(argv=None) -> dict:
         overrides["name"] = args.name
     if args.ablations:
         overrides["ablations"] = True
+    if args.seeds is not None:
+        overrides["finetune_seeds"] = args.seeds
     device = args.device or overrides.get("device") or (
         "cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

@@ -1,23 +1,58 @@
-# Sourced by quickstart.sh and test.sh: create .venv if absent, activate it, install the package.
-# Usage: . scripts/_venv.sh EXTRAS   (e.g. "dev" or "playground"; empty for the core only)
+# Sourced by quickstart.sh and test.sh: create the virtual environment if absent, activate
+# it, install the package. Usage: . scripts/_venv.sh EXTRAS   (e.g. "dev" or "playground")
+#
+# STACK (environment variable) chooses what is installed:
+#   locked (default)  requirements/lock-cpu.txt as pip constraints: exactly the tested CPU
+#                     environment (torch's CPU wheel), in .venv
+#   lowest            the same, with requirements/lowest.txt's pins (the lowest transformers
+#                     setup.py allows), in .venv-lowest
+#   ranges            whatever setup.py's ranges resolve to today, no lock, in .venv-ranges
+# Off this project's CI machines, torch's CPU wheel comes from PyTorch's index:
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/test.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv with $($PYTHON --version 2>&1)"
-  "$PYTHON" -m venv .venv
+STACK="${STACK:-locked}"
+extras="${1:-}"
+LOCK="requirements/lock-cpu.txt"
+case "$STACK" in
+  locked) VENV=.venv; constraints="$LOCK" ;;
+  lowest) VENV=.venv-lowest; constraints="$VENV.constraints.txt" ;;
+  ranges) VENV=.venv-ranges; constraints="" ;;
+  *) echo "[setup] STACK=$STACK: expected locked, lowest or ranges" >&2; return 2 2>/dev/null || exit 2 ;;
+esac
+if [ "$STACK" = lowest ]; then
+  # The lock, with the packages requirements/lowest.txt pins replaced by its versions.
+  names="$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' requirements/lowest.txt | paste -sd'|')"
+  { grep -viE "^(${names})==" "$LOCK"; cat requirements/lowest.txt; } > "$constraints"
+fi
+stamp_of() { cat setup.py ${constraints:+"$constraints"} | cksum | cut -d' ' -f1; }
+stamp="$VENV/.installed-$(echo "$extras" | tr ',' '-')-$(stamp_of)"
+if [ -d "$VENV" ] && [ ! -f "$stamp" ] && ls "$VENV"/.installed-* >/dev/null 2>&1; then
+  echo "[setup] setup.py or the lock changed since $VENV was made: making it anew"
+  rm -rf "$VENV"
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV with $($PYTHON --version 2>&1) (stack: $STACK)"
+  "$PYTHON" -m venv "$VENV"
 fi
 # shellcheck disable=SC1091
-. .venv/bin/activate
-extras="${1:-}"
+. "$VENV/bin/activate"
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
-stamp=".venv/.installed-$(echo "$extras" | tr ',' '-')-$(cat setup.py | cksum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing -e $spec (torch is capped at 2.13.0: a CPU wheel where one is offered)"
-  python -m pip install --quiet --upgrade pip
-  python -m pip install --quiet -e "$spec"
+  if [ -n "$constraints" ]; then
+    echo "[setup] installing -e $spec with the versions of $constraints"
+    python -m pip install --quiet -c "$constraints" pip
+    python -m pip install --quiet -c "$constraints" -e "$spec"
+    python scripts/check_lock.py "$constraints"
+  else
+    echo "[setup] installing -e $spec with the newest releases setup.py allows (no lock)"
+    python -m pip install --quiet --upgrade pip
+    python -m pip install --quiet -e "$spec"
+  fi
+  python -m pip check
   touch "$stamp"
 fi
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"

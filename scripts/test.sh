@@ -1,6 +1,26 @@
 #!/usr/bin/env bash
-# Create .venv if absent, install with the dev extras, run the test suite offline on CPU.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k builder -x`.
+# The test suite, offline on CPU, at both ends of the tested transformers range.
+#   bash scripts/test.sh          the whole suite in .venv (installed from the lock), then the
+#                                 tests marked `compat` (those that meet transformers' internals)
+#                                 in .venv-lowest (the lowest transformers setup.py allows)
+#   bash scripts/test.sh ARGS...  only the locked run, ARGS going to pytest (e.g. -k builder -x)
+#   STACK=lowest|ranges bash scripts/test.sh [ARGS...]   one run on that stack (scripts/_venv.sh)
 set -euo pipefail
-. "$(dirname "$0")/_venv.sh" dev
-python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+
+run_suite() {  # STACK then pytest arguments; in a subshell so each stack has its own venv
+  (
+    STACK="$1"
+    shift
+    . "$HERE/_venv.sh" dev
+    echo "[test] stack $STACK: torch $(python -c 'import torch; print(torch.__version__)'), transformers $(python -c 'import transformers; print(transformers.__version__)')"
+    python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+  )
+}
+
+if [ -n "${STACK:-}" ] || [ $# -gt 0 ]; then
+  run_suite "${STACK:-locked}" "$@"
+  exit
+fi
+run_suite locked
+run_suite lowest -m compat

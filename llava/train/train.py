@@ -169,6 +169,9 @@ def run_training(argv=None) -> TrainingResult:
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
+    # Before any weight is made: LoRA adapters (and a fresh projector) are initialised from
+    # the global RNG, which torch seeds at random in every process; the Trainer seeds only later.
+    transformers.set_seed(training_args.seed)
     model, tokenizer = build_model(model_args, training_args)
     config = model.config
     config.use_cache = False
@@ -230,6 +233,7 @@ def run_training(argv=None) -> TrainingResult:
             "final_schedule": final.describe(),
             "curriculum": [p.describe(len(factors)) for p in curriculum.phases] if curriculum else [],
             "steps": trainer.state.global_step,
+            "seed": training_args.seed,
             "train_loss": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         }
         with open(os.path.join(training_args.output_dir, "adsc_training.json.tmp"), "w") as f:

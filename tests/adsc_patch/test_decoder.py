@@ -4,11 +4,13 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
-from adsc_patch import AdscPlan, image_spans, pruned_decoder_forward
+from adsc_patch import AdscPlan, compat, image_spans, pruned_decoder_forward
 from adsc_patch.cache import cache_layer_lengths, cache_nbytes
 from adsc_patch.decoder import _compaction_index
 from adsc_patch.profile import DecoderShape, kv_cache_bytes
 from adsc_patch.select import keep_sets
+
+pytestmark = pytest.mark.compat  # meets transformers' internals: CI runs it on both ends of the range
 
 IMAGE = 16  # vision tokens per image (4 x 4 grid)
 
@@ -88,9 +90,9 @@ def test_cache_holds_the_scheduled_tokens_per_layer_and_their_bytes():
         out = pruned_decoder_forward(model, plan, inputs_embeds=embeds, vision_mask=vision, use_cache=True)
     schedule = plan.schedule(6, IMAGE)
     expected = [text + n for n in schedule.tokens_per_layer]
-    assert cache_layer_lengths(out.past_key_values) == expected == [25, 17, 17, 13, 13, 13]
+    assert cache_layer_lengths(compat.output_cache(out)) == expected == [25, 17, 17, 13, 13, 13]
     shape = DecoderShape.from_config(model.config)
-    assert cache_nbytes(out.past_key_values) == kv_cache_bytes(shape, expected, batch=1, bytes_per_value=4)
+    assert cache_nbytes(compat.output_cache(out)) == kv_cache_bytes(shape, expected, batch=1, bytes_per_value=4)
 
 
 def test_decode_steps_attend_to_each_layers_cache_with_continuing_positions():
@@ -101,7 +103,9 @@ def test_decode_steps_attend_to_each_layers_cache_with_continuing_positions():
     vision[0, 2 : 2 + IMAGE] = True
     step = torch.randn(1, 1, 32)
     with torch.no_grad():
-        cache = pruned_decoder_forward(model, plan, inputs_embeds=prompt, vision_mask=vision, use_cache=True).past_key_values
+        cache = compat.output_cache(
+            pruned_decoder_forward(model, plan, inputs_embeds=prompt, vision_mask=vision, use_cache=True)
+        )
         cached = pruned_decoder_forward(model, plan, inputs_embeds=step, past_key_values=cache, use_cache=True)
         full = pruned_decoder_forward(
             model, plan, inputs_embeds=torch.cat([prompt, step], 1),

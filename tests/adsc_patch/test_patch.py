@@ -4,12 +4,15 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from adsc_patch import ScheduleError, apply_adsc, remove_adsc
+from adsc_patch import ScheduleError, apply_adsc, compat, remove_adsc
+from adsc_patch.cache import cache_layer_lengths
 from adsc_patch.patch import last_trace
 from llava.constants import IGNORE_INDEX
 from llava.model.builder import load_pretrained_model
 from tests.helpers import QUESTIONS, pad_batch, prompt_ids
 from tests.llava.test_builder import _hf_inputs
+
+pytestmark = pytest.mark.compat  # meets transformers' internals: CI runs it on both ends of the range
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +100,27 @@ def test_bad_requests_are_refused_before_touching_the_model(pair):
     assert "forward" not in vars(hf.model.language_model)
     with pytest.raises(TypeError, match="supports"):
         apply_adsc(torch.nn.Linear(2, 2), prune_layers=[1], drop_ratio=0.5)
+
+
+def test_patched_hf_generation_equals_the_uncached_loop_and_caches_the_schedule(pair, random_images):
+    """Against an independent reference: the patched model's own forward, without a cache."""
+    hf, _, tokenizer, processor = pair
+    ids, mask, pixels = _hf_inputs(hf, tokenizer, processor, random_images, "left")
+    prompt = ids[0][mask[0].bool()]
+    schedule = apply_adsc(hf, prune_layers=[1, 3], drop_ratio=0.6)
+    steps = 6
+    try:
+        with torch.no_grad():
+            out = hf.generate(input_ids=prompt[None], pixel_values=pixels[0:1], max_new_tokens=steps,
+                              min_new_tokens=steps, do_sample=False, return_dict_in_generate=True)
+            tokens = []
+            for _ in range(steps):
+                sequence = torch.cat([prompt, torch.tensor(tokens, dtype=torch.long)])[None]
+                logits = hf(input_ids=sequence, pixel_values=pixels[0:1], use_cache=False).logits
+                tokens.append(int(logits[0, -1].argmax()))
+        assert out.sequences[0, len(prompt):].tolist() == tokens
+        text = len(prompt) - schedule.stage_tokens[0]
+        assert cache_layer_lengths(compat.output_cache(out)) == [text + n + steps - 1 for n in schedule.tokens_per_layer]
+        assert [len(p[0]) for p in last_trace(hf).kept_vision_positions] == list(schedule.stage_tokens)
+    finally:
+        remove_adsc(hf)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaModel
 
-from adsc_patch import compact_labels
+from adsc_patch import compact_labels, compat
 from adsc_patch.cache import cache_layer_lengths, cache_nbytes
 from adsc_patch.profile import DecoderShape, kv_cache_bytes
 from adsc_patch.select import keep_sets
@@ -14,6 +14,8 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
 from tests.helpers import QUESTIONS, pad_batch, prompt_ids
+
+pytestmark = pytest.mark.compat  # meets transformers' internals: CI runs it on both ends of the range
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +205,9 @@ def test_cache_after_prefill_follows_the_schedule(deep, random_images):
         text = len(seq) - 1  # the marker is replaced by the image
         expected = [text + n for n in schedule.tokens_per_layer]
         assert schedule.stage_tokens == (36, 18, 9)
-        assert cache_layer_lengths(out.past_key_values) == expected
+        assert cache_layer_lengths(compat.output_cache(out)) == expected
         shape = DecoderShape.from_config(model.config)
-        assert cache_nbytes(out.past_key_values) == kv_cache_bytes(shape, expected, bytes_per_value=4)
+        assert cache_nbytes(compat.output_cache(out)) == kv_cache_bytes(shape, expected, bytes_per_value=4)
         trace = model.pruning_trace
         assert [len(p[0]) for p in trace.kept_vision_positions] == [36, 18, 9]
         assert trace.tokens_per_layer[0].tolist() == expected
@@ -271,3 +273,26 @@ def _lora_grads(deep, images, checkpointing):
     projector_grad = torch.cat([p.grad.flatten() for p in model.model.mm_projector.parameters()])
     assert not any("vision_tower" in n for n, p in peft_model.named_parameters() if "lora_" in n)
     return {"lora": lora_grad, "projector": projector_grad}
+
+
+@pytest.mark.parametrize("name", compat.CACHE_NAMES)
+def test_checkpointed_training_never_writes_a_given_cache(deep, random_images, caplog, name):
+    """The backward replay of a checkpointed layer would write the cache a second time."""
+    from transformers import DynamicCache
+
+    from adsc_patch import decoder
+
+    tokenizer, model, processor = deep
+    model = copy.deepcopy(model)
+    model.configure_pruning(prune_layers=[2, 5], drop_ratio=0.5)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    seqs, ids, mask, pixels = _batch(tokenizer, model, processor, random_images, side="right")
+    labels = ids.clone()
+    labels[(mask == 0) | (ids == IMAGE_TOKEN_INDEX)] = IGNORE_INDEX
+    cache = DynamicCache(config=model.config)
+    decoder._warn_once.cache_clear()
+    out = model(input_ids=ids, attention_mask=mask, images=pixels, labels=labels, use_cache=True, **{name: cache})
+    out.loss.backward()
+    assert cache.get_seq_length(0) == 0 and compat.output_cache(out) is None
+    assert "gradient checkpointing in training" in caplog.text

@@ -10,6 +10,8 @@ import torch
 from llava.model.builder import load_pretrained_model
 from playground import study
 
+pytestmark = pytest.mark.compat  # meets transformers' internals: CI runs it on both ends of the range
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
@@ -103,3 +105,52 @@ def test_the_cuda_preset_scales_the_same_study_up():
     assert cuda.device == "cuda" and cuda.train_images > cpu.train_images and cuda.eval_images > cpu.eval_images
     assert (cuda.layers, cuda.hidden_size, cuda.prune_layers, cuda.budgets) == \
         (cpu.layers, cpu.hidden_size, cpu.prune_layers, cpu.budgets)
+
+
+def test_more_fine_tune_seeds_add_rows_reported_as_mean_and_range(smoke_run):
+    run_dir, first = smoke_run
+    summary = study.main(["--smoke", "--workdir", str(run_dir.parent.parent), "--seeds", "0,1"])
+    names = [row["setting"] for row in summary["rows"]]
+    for label in ("1of3", "2of9", "1of9"):
+        assert f"adsc-{label}" in names and f"adsc-{label}-seed1" in names
+        assert (run_dir / "checkpoints" / f"adsc-{label}-seed1" / "config.json").exists()
+    trained = json.loads((run_dir / "checkpoints" / "adsc-1of9-seed1-lora" / "adsc_training.json").read_text())
+    assert trained["seed"] == 1
+    rows = {row["setting"]: row for row in summary["rows"]}
+    merged = {row["setting"]: row for row in summary["merged_rows"]}
+    assert "adsc-1of9-seed1" not in merged and merged["full"] == rows["full"]
+    pair = [rows["adsc-1of9"]["cell_accuracy"], rows["adsc-1of9-seed1"]["cell_accuracy"]]
+    assert merged["adsc-1of9"]["seeds"] == [0, 1]
+    assert merged["adsc-1of9"]["cell_accuracy"] == pytest.approx(sum(pair) / 2)
+    assert merged["adsc-1of9"]["cell_accuracy_range"] == [min(pair), max(pair)]
+    assert "## The fine-tunes' seeds" in summary["markdown"] and "2 seeds)" in summary["markdown"]
+    assert "| adsc-1of9-seed1 |" not in summary["markdown"]  # one row per setting in every table
+    # the first seed's results are the same stages, not retrained
+    assert rows["adsc-1of9"]["cell_accuracy"] == {r["setting"]: r for r in first["rows"]}["adsc-1of9"]["cell_accuracy"]
+
+
+def test_merge_seeds_averages_only_rows_that_differ_in_their_seed():
+    from playground.report import merge_seeds
+
+    def row(setting, method, budget, seed, accuracy):
+        return {"setting": setting, "method": method, "budget": budget, "ablation": None, "seed": seed,
+                "cell_accuracy": accuracy, "exact_match": accuracy / 2, "average_vision_tokens": 10.0}
+
+    rows = [row("full", "full", None, None, 0.8), row("free", "free", "a", None, 0.5),
+            row("adsc-a", "adsc", "a", 0, 0.7), row("adsc-a-seed1", "adsc", "a", 1, 0.9),
+            row("adsc-b", "adsc", "b", 0, 0.6)]
+    merged = {r["setting"]: r for r in merge_seeds(rows)}
+    assert list(merged) == ["full", "free", "adsc-a", "adsc-b"]
+    assert merged["adsc-a"]["cell_accuracy"] == pytest.approx(0.8)
+    assert merged["adsc-a"]["exact_match"] == pytest.approx(0.4)
+    assert merged["adsc-a"]["relative_to_full"] == pytest.approx(100.0)
+    assert merged["adsc-a"]["cell_accuracy_range"] == [0.7, 0.9] and merged["adsc-a"]["seeds"] == [0, 1]
+    assert "seeds" not in merged["adsc-b"] and "seeds" not in merged["free"]
+
+
+def test_the_seeds_flag_is_checked_before_any_work(tmp_path, capsys):
+    for bad in ("0,x", "1,1", "-1"):
+        with pytest.raises(SystemExit):
+            study.main(["--smoke", "--workdir", str(tmp_path), "--seeds", bad])
+        assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
