@@ -27,9 +27,11 @@ if [ "$STACK" = lowest ]; then
   names="$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' requirements/lowest.txt | paste -sd'|')"
   { grep -viE "^(${names})==" "$LOCK"; cat requirements/lowest.txt; } > "$constraints"
 fi
-stamp_of() { cat setup.py ${constraints:+"$constraints"} | cksum | cut -d' ' -f1; }
-stamp="$VENV/.installed-$(echo "$extras" | tr ',' '-')-$(stamp_of)"
-if [ -d "$VENV" ] && [ ! -f "$stamp" ] && ls "$VENV"/.installed-* >/dev/null 2>&1; then
+# One stamp per installed set of extras, named by the checksum of setup.py and the constraints:
+# other extras are installed on top, a changed setup.py or lock makes the environment anew.
+sum="$(cat setup.py ${constraints:+"$constraints"} | cksum | cut -d' ' -f1)"
+stamp="$VENV/.installed-$(echo "$extras" | tr ',' '-')-$sum"
+if ls "$VENV"/.installed-* >/dev/null 2>&1 && ! ls "$VENV"/.installed-*-"$sum" >/dev/null 2>&1; then
   echo "[setup] setup.py or the lock changed since $VENV was made: making it anew"
   rm -rf "$VENV"
 fi
