@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import transformers
-from packaging.version import Version
+from packaging.specifiers import SpecifierSet
 from transformers.cache_utils import Cache, DynamicCache
 
 __all__ = [
@@ -41,7 +41,8 @@ __all__ = [
     "CACHE_NAMES",
     "LAYOUT",
     "OUTPUT_CACHE_FIELD",
-    "TESTED_TRANSFORMERS",
+    "TESTED_RANGE",
+    "TESTED_RANGE_TEXT",
     "TransformersLayout",
     "TransformersLayoutError",
     "cache_kwargs",
@@ -55,9 +56,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The releases CI tests (both ends); setup.py states the same range.
-TESTED_TRANSFORMERS = (Version("5.23.0"), Version("5.25.0"))  # lowest tested, first untested
+# The releases CI tests, both ends (requirements/lowest.txt pins the lower); setup.py states
+# the same range, and tests/test_stack.py checks that the two agree.
 TESTED_RANGE_TEXT = ">=5.23,<5.25"
+TESTED_RANGE = SpecifierSet(TESTED_RANGE_TEXT)
 
 # Every name a release of transformers 5 has used for the KV-cache argument, newest first.
 CACHE_NAMES = ("cache", "past_key_values")
@@ -137,8 +139,7 @@ def resolve_layout(facts: dict[str, Any]) -> TransformersLayout:
     if not (facts["cache_has_layers"] and facts["cache_length_per_layer"]):
         raise unknown("DynamicCache has no per-layer lengths (pruned layers cache different lengths)")
     layout = TransformersLayout(version, next(iter(kwargs.values())), next(iter(fields.values())))
-    low, high = TESTED_TRANSFORMERS
-    if not low <= Version(version) < high:
+    if not TESTED_RANGE.contains(version, prereleases=True):
         logger.warning(
             "transformers %s is outside the tested range %s; its layout is recognised (cache argument %r), "
             "but run the compatibility tests before trusting pruned results (docs/compatibility.md)",
