@@ -28,8 +28,9 @@ EXTRAS = {
     "demo": ["gradio>=5", "pillow<13"],
     "flash": ["flash-attn>=2.6"],
     "playground": PLAYGROUND,
-    # deepspeed: the tests run the ZeRO-3 recipe in one CPU process
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "deepspeed>=0.16", *PLAYGROUND],
+    # deepspeed: the tests run the ZeRO-3 recipe in one CPU process; bitsandbytes: 4/8-bit
+    # loading and a QLoRA step are tested on the CPU
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "deepspeed>=0.16", "bitsandbytes>=0.45", *PLAYGROUND],
 }
 
 setup(

@@ -8,10 +8,12 @@ from typing import Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .cli import InputError
 from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 __all__ = [
     "ImageLoadError",
+    "check_image",
     "load_image",
     "expand2square",
     "process_images",
@@ -21,8 +23,22 @@ __all__ = [
 ]
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(InputError):
     """An image file that is missing or cannot be decoded."""
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Raise ``ImageLoadError`` unless ``path`` is an image file whose structure is intact
+    (``PIL.Image.verify``: headers and, for PNG, every chunk's checksum; no full decode, so a
+    cut JPEG can still pass and fail later in ``load_image``)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageLoadError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"not a readable image: {path} ({error})") from error
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -23,6 +23,7 @@ import argparse
 import os
 import re
 
+from llava.cli import fail
 from llava.eval.io import EvalInputError, _preview, join_by_question_id, read_json, read_jsonl, write_json_atomic
 
 __all__ = ["OPTIONS", "parse_choice", "score_science_qa", "main"]
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         result, dump, summary = _evaluate(args.base_dir, args.result_file, args.split)
     except EvalInputError as error:
-        raise SystemExit(f"error: {error}") from error
+        fail(error)
     print(
         f"Total: {result['n']}, Correct: {result['correct']}, Accuracy: {result['accuracy']:.2f}%, "
         f"IMG-Accuracy: {result['img_accuracy']:.2f}% ({result['n_img']} questions with an image; "

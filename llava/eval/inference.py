@@ -7,9 +7,17 @@
   yet (a question is known by its ``question_id`` and prompt, since MME repeats ids).
   Answers are appended a batch at a time and flushed to disk; a line cut short by a crash is
   dropped (and the file rewritten atomically) by the next run.
-* Each answers file gets ``<answers>.settings.json`` beside it: model, generation
-  parameters, pruning schedule and average vision tokens. A rerun with other settings is
-  refused instead of mixing answers of two configurations in one file.
+* Each answers file gets ``<answers>.settings.json`` beside it: model, a fingerprint of its
+  weights, generation parameters, pruning schedule and average vision tokens. A rerun with
+  other settings, or with other weights under the same path (a model retrained into its
+  folder), is refused instead of mixing answers of two models in one file; ``--overwrite``
+  starts the file afresh.
+* Every question is checked before the model is loaded: its image exists and opens, and
+  its text does not carry an ``<image>`` marker of its own (the loader places the image's).
+  A problem names the question id and follows ``--on-bad-question``: ``error`` (default,
+  nothing is generated), ``record`` (an answer line with ``text`` ``""`` and the problem in
+  ``metadata.error``) or ``skip`` (no line). An image that passes the check but fails to
+  decode in the loop follows the same policy. An empty question file or chunk is an error.
 """
 
 from __future__ import annotations
@@ -29,14 +37,19 @@ from tqdm import tqdm
 
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from ..conversation import get_conv_template
-from ..mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
-from ..model.builder import load_pretrained_model
+from ..cli import add_debug_arg
+from ..mm_utils import ImageLoadError, check_image, get_model_name_from_path, load_image, process_images, tokenizer_image_token
+from ..model.builder import load_pretrained_model, resolve_checkpoint
+from ..model.fingerprint import weights_fingerprint
 from .io import EvalInputError, write_json_atomic
 from .pruning_args import add_pruning_args, apply_pruning_args
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalQuestion", "AnswerFile", "add_inference_args", "generation_kwargs", "prompt_batch", "get_chunk", "run_inference", "main_with_questions"]
+__all__ = ["EvalQuestion", "AnswerFile", "BAD_QUESTION_POLICIES", "add_inference_args", "add_model_args", "load_model_from_args",
+           "generation_kwargs", "prompt_batch", "get_chunk", "question_problems", "run_inference", "main_with_questions"]
+
+BAD_QUESTION_POLICIES = ("error", "record", "skip")
 
 
 def generation_kwargs(args: argparse.Namespace, pad_token_id: int | None) -> dict:
@@ -80,14 +93,34 @@ def get_chunk(items: list, num_chunks: int, chunk_idx: int) -> list:
     return items[chunk_idx * size : (chunk_idx + 1) * size]
 
 
+def _chunk_of(questions: list[EvalQuestion], args) -> list[EvalQuestion]:
+    if not questions:
+        raise EvalInputError(f"{args.question_file} holds no questions")
+    chunk = get_chunk(questions, args.num_chunks, args.chunk_idx)
+    if not chunk:
+        raise EvalInputError(
+            f"chunk {args.chunk_idx} of {args.num_chunks} is empty: {args.question_file} has only "
+            f"{len(questions)} questions (use --num-chunks {len(questions)} or fewer)"
+        )
+    return chunk
+
+
+_FINGERPRINTED = {"model": "model_path", "base": "model_base"}
+
+
 class AnswerFile:
     """An answers file that can be resumed and never holds a broken line."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, overwrite: bool = False):
         self.path = path
         self.settings_path = path + ".settings.json"
         self.done: set[str] = set()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if overwrite:
+            for stale in (path, self.settings_path):
+                if os.path.exists(stale):
+                    logger.info("--overwrite: starting %s afresh", stale)
+                    os.remove(stale)
         if os.path.exists(path):
             self._load_and_repair()
 
@@ -120,12 +153,21 @@ class AnswerFile:
             return
         with open(self.settings_path, encoding="utf-8") as f:
             previous = json.load(f)
-        keys = ("model_path", "model_base", "conv_mode", "generation", "pruning", "question_file")
-        changed = [k for k in keys if previous.get(k) != settings.get(k)]
+        keys = ("model_path", "model_base", "vision_tower", "conv_mode", "generation", "pruning", "question_file",
+                "quantization")
+        changed = [k for k in keys if previous.get(k, settings.get(k)) != settings.get(k)]
         if changed:
             raise EvalInputError(
                 f"{self.path} already holds {len(self.done)} answers made with other settings ({', '.join(changed)} "
-                "differ); use another --answers-file or delete it"
+                "differ); pass --overwrite to start it afresh, or use another --answers-file"
+            )
+        before, now = previous.get("weights_fingerprint"), settings.get("weights_fingerprint")
+        if before is not None and before != now:
+            changed = [k for k in now if before.get(k) != now.get(k)]
+            raise EvalInputError(
+                f"{self.path} already holds {len(self.done)} answers of other weights: the {' and '.join(changed)} "
+                f"at {', '.join(str(settings.get(_FINGERPRINTED[k])) for k in changed)} changed since they were written "
+                "(retrained?); pass --overwrite to start it afresh, or use another --answers-file"
             )
 
     def append(self, records: list[dict]) -> None:
@@ -159,7 +201,10 @@ class _QuestionDataset(Dataset):
             if getattr(self.model_config, "mm_use_im_start_end", False):
                 image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
             query = f"{image_token}\n{query}"
-            image = load_image(os.path.join(self.image_folder, question.image))
+            try:
+                image = load_image(os.path.join(self.image_folder, question.image))
+            except ImageLoadError as error:
+                return index, None, str(error)  # an image that passed the check but does not decode
             pixels = process_images([image], self.image_processor, self.model_config)[0]
         conv = get_conv_template(self.conv_mode)
         conv.append_message(conv.roles[0], query)
@@ -169,7 +214,14 @@ class _QuestionDataset(Dataset):
 
 
 def _collate_left(pad_token_id):
+    """Left-padded batch; items whose image failed to decode come back as ``failed``
+    ``(index, message)`` pairs (``_QuestionDataset`` returns ``ids=None`` for them)."""
+
     def collate(items):
+        failed = [(i, message) for i, ids, message in items if ids is None]
+        items = [item for item in items if item[1] is not None]
+        if not items:
+            return [], None, None, None, failed
         indices = [i for i, _, _ in items]
         length = max(len(ids) for _, ids, _ in items)
         input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
@@ -178,7 +230,7 @@ def _collate_left(pad_token_id):
             input_ids[row, length - len(ids):] = ids
             mask[row, length - len(ids):] = 1
         pixels = [p for _, _, p in items if p is not None]
-        return indices, input_ids, mask, torch.stack(pixels) if pixels else None
+        return indices, input_ids, mask, torch.stack(pixels) if pixels else None, failed
 
     return collate
 
@@ -188,16 +240,39 @@ def prompt_batch(questions: list[EvalQuestion], tokenizer, image_processor, mode
     """``(input_ids, attention_mask, pixel_values)`` of ``questions`` exactly as ``run_inference``
     feeds them to the model: chat prompts, left padding, one image each."""
     dataset = _QuestionDataset(questions, tokenizer, image_processor, model_config, image_folder, conv_mode)
-    _, input_ids, mask, pixels = _collate_left(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    _, input_ids, mask, pixels, failed = _collate_left(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    if failed:
+        raise EvalInputError(f"question {questions[failed[0][0]].question_id!r}: {failed[0][1]}")
     return input_ids, mask, pixels
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose and load the model (every inference entry point)."""
+    parser.add_argument("--model-path", required=True, help="checkpoint folder or hub id (offline: from the HF cache)")
+    parser.add_argument("--model-base", default=None, help="base of a LoRA or projector-only checkpoint")
+    parser.add_argument("--vision-tower", default=None, help="override the checkpoint's mm_vision_tower (folder or hub id)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--attn-implementation", default=None, choices=[None, "eager", "sdpa", "flash_attention_2"])
+    bits = parser.add_mutually_exclusive_group()
+    bits.add_argument("--load-8bit", action="store_true", help="language model in 8 bit (bitsandbytes)")
+    bits.add_argument("--load-4bit", action="store_true", help="language model in 4 bit, nf4 (bitsandbytes)")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """``load_pretrained_model`` with the flags of ``add_model_args``."""
+    return load_pretrained_model(
+        args.model_path, args.model_base, device=args.device, attn_implementation=args.attn_implementation,
+        vision_tower=args.vision_tower, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
+    )
+
+
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--model-base", default=None)
+    add_model_args(parser)
     parser.add_argument("--image-folder", default="")
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--answers-file", required=True)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start the answers file afresh instead of resuming it")
     parser.add_argument("--conv-mode", default=None, help="default: the checkpoint's conv_mode, else vicuna_v1")
     parser.add_argument("--num-chunks", type=int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
@@ -207,11 +282,12 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (left-padded)")
     parser.add_argument("--num-workers", type=int, default=2, help="image-loading workers")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--attn-implementation", default=None, choices=[None, "eager", "sdpa", "flash_attention_2"])
-    parser.add_argument("--on-missing-image", choices=["error", "record"], default="error",
-                        help="error: stop before generating; record: answer '' with the error in metadata")
+    parser.add_argument("--on-bad-question", "--on-missing-image", dest="on_bad_question",
+                        choices=BAD_QUESTION_POLICIES, default="error",
+                        help="a missing or unreadable image, or an <image> marker in the text: error (stop before "
+                             "generating), record (answer '' with the problem in metadata.error) or skip")
     add_pruning_args(parser)
+    add_debug_arg(parser)
 
 
 def _settings(args, model, model_name, conv_mode, schedule, n_questions) -> dict:
@@ -232,6 +308,8 @@ def _settings(args, model, model_name, conv_mode, schedule, n_questions) -> dict
     return {
         "model_path": args.model_path,
         "model_base": args.model_base,
+        "vision_tower": args.vision_tower,
+        "quantization": "8bit" if args.load_8bit else "4bit" if args.load_4bit else None,
         "model_id": model_name,
         "question_file": os.path.abspath(args.question_file),
         "chunk": [args.chunk_idx, args.num_chunks],
@@ -250,44 +328,59 @@ def _settings(args, model, model_name, conv_mode, schedule, n_questions) -> dict
     }
 
 
-def _missing_images(questions: list[EvalQuestion], image_folder: str) -> list[tuple[EvalQuestion, str]]:
-    return [
-        (q, os.path.join(image_folder, q.image))
-        for q in questions
-        if q.image is not None and not os.path.isfile(os.path.join(image_folder, q.image))
-    ]
+def question_problems(questions: list[EvalQuestion], image_folder: str) -> list[tuple[EvalQuestion, str]]:
+    """``(question, problem)`` for every question that cannot be answered as it stands: a
+    missing or unreadable image, or an ``<image>`` marker in its text (the loader adds the
+    image's marker itself, so one in the text would ask for a second image)."""
+    problems = []
+    for question in tqdm(questions, desc="checking questions", unit="q", disable=len(questions) < 1000):
+        markers = question.query.count(DEFAULT_IMAGE_TOKEN)
+        if markers:
+            images = 1 if question.image is not None else 0
+            problems.append((question, f"its text has {markers} {DEFAULT_IMAGE_TOKEN} marker(s) and the question "
+                                       f"{images} image: remove the marker from the text (the loader places the image)"))
+            continue
+        if question.image is not None:
+            try:
+                check_image(os.path.join(image_folder, question.image))
+            except ImageLoadError as error:
+                problems.append((question, str(error)))
+    return problems
 
 
 def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> str:
     """Answer ``questions`` (this chunk's share) into ``args.answers_file``; returns its path."""
-    questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
-    answers = AnswerFile(args.answers_file)
+    questions = _chunk_of(questions, args)
+    answers = AnswerFile(args.answers_file, overwrite=getattr(args, "overwrite", False))
     pending = [q for q in questions if q.key not in answers.done]
-    missing = _missing_images(pending, args.image_folder)
-    if missing and args.on_missing_image == "error":
-        shown = "; ".join(f"question {q.question_id!r}: {path}" for q, path in missing[:5])
-        raise EvalInputError(f"{len(missing)} image(s) not found, e.g. {shown} (check --image-folder)")
+    policy = getattr(args, "on_bad_question", "error")
+    problems = question_problems(pending, args.image_folder)
+    if problems and policy == "error":
+        shown = "; ".join(f"question {q.question_id!r}: {problem}" for q, problem in problems[:5])
+        raise EvalInputError(
+            f"{len(problems)} question(s) cannot be answered, e.g. {shown} (check --image-folder, or pass "
+            "--on-bad-question record|skip)"
+        )
+    # Before the model: the fingerprint and settings checks need only the folders.
+    fingerprint = {"model": weights_fingerprint(resolve_checkpoint(args.model_path, "model path"))}
+    if args.model_base:
+        fingerprint["base"] = weights_fingerprint(resolve_checkpoint(args.model_base, "model base"))
 
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, device=args.device, attn_implementation=args.attn_implementation
-    )
+    tokenizer, model, image_processor, _ = load_model_from_args(args)
     schedule = apply_pruning_args(model, args)
     model_name = get_model_name_from_path(args.model_path)
     conv_mode = args.conv_mode or model.config.conv_mode or "vicuna_v1"
     settings = _settings(args, model, model_name, conv_mode, schedule, len(questions))
+    settings["weights_fingerprint"] = fingerprint
     answers.check_settings(settings)
     settings["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
     write_json_atomic(answers.settings_path, settings)
     if len(pending) < len(questions):
         logger.info("resuming: %d of %d questions already answered", len(questions) - len(pending), len(questions))
 
-    records = []
-    missing_ids = {q.key for q, _ in missing}
-    for question, path in missing:  # --on-missing-image record
-        records.append(_record(question, "", model_name, {"error": f"image not found: {path}"}))
-    if records:
-        answers.append(records)
-    runnable = [q for q in pending if q.key not in missing_ids]
+    bad_keys = {q.key for q, _ in problems}
+    _handle_bad_questions(answers, problems, policy, model_name)
+    runnable = [q for q in pending if q.key not in bad_keys]
     dataset = _QuestionDataset(runnable, tokenizer, image_processor, model.config, args.image_folder, conv_mode)
     loader = DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
@@ -295,7 +388,11 @@ def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> st
     )
     generation = generation_kwargs(args, tokenizer.pad_token_id)
     with tqdm(total=len(runnable), desc=os.path.basename(args.answers_file), unit="q") as progress:
-        for indices, input_ids, mask, pixels in loader:
+        for indices, input_ids, mask, pixels, failed in loader:
+            _handle_bad_questions(answers, [(runnable[i], message) for i, message in failed], policy, model_name)
+            progress.update(len(failed))
+            if not indices:
+                continue
             input_ids, mask = input_ids.to(model.device), mask.to(model.device)
             if pixels is not None:
                 pixels = pixels.to(model.device, dtype=model.dtype)
@@ -309,6 +406,21 @@ def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> st
     settings["answered"] = len([q for q in questions if q.key in answers.done])
     write_json_atomic(answers.settings_path, settings)
     return args.answers_file
+
+
+def _handle_bad_questions(answers: AnswerFile, problems: list[tuple[EvalQuestion, str]], policy: str,
+                          model_name: str) -> None:
+    """Apply ``--on-bad-question`` to questions that cannot be answered."""
+    if not problems:
+        return
+    if policy == "error":
+        question, problem = problems[0]
+        raise EvalInputError(f"question {question.question_id!r}: {problem} (or pass --on-bad-question record|skip)")
+    for question, problem in problems:
+        logger.warning("question %r: %s (%s)", question.question_id, problem,
+                       "recorded as an empty answer" if policy == "record" else "skipped")
+    if policy == "record":
+        answers.append([_record(q, "", model_name, {"error": problem}) for q, problem in problems])
 
 
 def _record(question: EvalQuestion, text: str, model_name: str, metadata: dict | None = None) -> dict:

@@ -10,13 +10,15 @@ import json
 import os
 from typing import Any, Callable, Iterable
 
+from ..cli import InputError, fail
+
 __all__ = [
     "EvalInputError", "read_jsonl", "read_json", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic",
     "join_by_question_id", "mismatch_error", "run_scorer",
 ]
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError):
     """An evaluation input (question, answer or ground-truth file) that cannot be used."""
 
 
@@ -113,11 +115,12 @@ def join_by_question_id(
 
 def run_scorer(score: Callable[[], dict], summary: Callable[[dict], str], output_json: str | None) -> dict:
     """What every scorer's command line does with its scores: run ``score()`` (bad input ends the
-    program with one line naming the file), print ``summary(result)``, write ``output_json`` if given."""
+    program with one line naming the file, exit code 2), print ``summary(result)``, write ``output_json``
+    if given."""
     try:
         result = score()
     except EvalInputError as error:
-        raise SystemExit(f"error: {error}") from error
+        fail(error)
     print(summary(result))
     if output_json:
         write_json_atomic(output_json, result)

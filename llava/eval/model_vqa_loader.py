@@ -9,6 +9,7 @@ Upstream's flags and answer format; see ``llava.eval.inference`` for resume and 
 
 from __future__ import annotations
 
+from ..cli import run_command
 from .inference import EvalQuestion, main_with_questions
 from .io import EvalInputError, read_jsonl
 
@@ -28,4 +29,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -10,6 +10,7 @@ and ``prompt`` in the answer file starts with ``<image>\\n`` for questions with 
 
 from __future__ import annotations
 
+from ..cli import run_command
 from .inference import EvalQuestion, main_with_questions
 from .io import EvalInputError, read_json
 
@@ -48,4 +49,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -7,6 +7,8 @@ import logging
 
 from adsc_patch import ScheduleError
 
+from ..cli import fail
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ def apply_pruning_args(model, args: argparse.Namespace):
         else:
             schedule = model.vision_schedule() if model.get_vision_tower() is not None else None
     except ScheduleError as error:
-        raise SystemExit(f"error: {error}") from error
+        fail(error)
     if schedule is not None:
         logger.info("vision tokens: %s", schedule.describe())
     return schedule

@@ -1,7 +1,9 @@
 """One-shot inference: ``python -m llava.eval.run_llava --model-path P --image-file F --query Q``.
 
-Upstream's flags, plus the pruning flags; prints the answer (and, with pruning, how many
-vision tokens each layer kept).
+Upstream's flags (and upstream's ``eval_model(args)``), plus the pruning, quantisation and
+``--vision-tower`` flags; prints the answer (and, with pruning, how many vision tokens each
+layer kept). Bad input ends in one line ``error: ...`` (exit code 2; ``--debug`` for the
+traceback).
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import logging
 
 import torch
 
+from llava.cli import InputError, add_debug_arg, run_command
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER
 from llava.conversation import get_conv_template
-from llava.eval.inference import generation_kwargs
+from llava.eval.inference import add_model_args, generation_kwargs, load_model_from_args
 from llava.eval.pruning_args import add_pruning_args, apply_pruning_args
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
-from llava.model.builder import load_pretrained_model
 
 
 def build_prompt(query: str, conv_mode: str, use_im_start_end: bool, with_image: bool = True) -> str:
@@ -34,10 +36,9 @@ def build_prompt(query: str, conv_mode: str, use_im_start_end: bool, with_image:
     return conv.get_prompt()
 
 
-def main(argv=None) -> str:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--model-base", default=None)
+    add_model_args(parser)
     parser.add_argument("--image-file", required=True, help="one image, or several joined by --sep")
     parser.add_argument("--query", required=True)
     parser.add_argument("--conv-mode", default=None, help="default: the checkpoint's conv_mode, else vicuna_v1")
@@ -46,16 +47,32 @@ def main(argv=None) -> str:
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=512)
-    parser.add_argument("--device", default=None)
     add_pruning_args(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    add_debug_arg(parser)
+    return parser
 
-    tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, args.model_base, device=args.device)
-    apply_pruning_args(model, args)
+
+def eval_model(args) -> str:
+    """Upstream's entry: ``args`` is any object with upstream's attributes (``model_path``,
+    ``model_base``, ``query``, ``conv_mode``, ``image_file``, ``sep``, ``temperature``,
+    ``top_p``, ``num_beams``, ``max_new_tokens``; ``model_name`` is accepted and unused);
+    the flags it lacks take their command-line defaults. Prints and returns the answer."""
+    defaults = build_parser().parse_args(["--model-path", "", "--image-file", "", "--query", ""])
+    given = {name: getattr(args, name) for name in vars(defaults) if hasattr(args, name)}
+    return run(argparse.Namespace(**{**vars(defaults), **given}))
+
+
+def run(args: argparse.Namespace) -> str:
+    """Answer ``args.query`` about ``args.image_file``; prints and returns the answer."""
     images = [load_image(path) for path in args.image_file.split(args.sep)]
+    tokenizer, model, image_processor, _ = load_model_from_args(args)
+    apply_pruning_args(model, args)
     conv_mode = args.conv_mode or model.config.conv_mode or "vicuna_v1"
     prompt = build_prompt(args.query, conv_mode, model.config.mm_use_im_start_end)
+    markers = prompt.count(DEFAULT_IMAGE_TOKEN)
+    if markers != len(images):
+        raise InputError(f"the query places {markers} image(s) ({IMAGE_PLACEHOLDER} or {DEFAULT_IMAGE_TOKEN}) "
+                         f"but --image-file gives {len(images)}")
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None].to(model.device)
     pixels = process_images(images, image_processor, model.config).to(model.device, model.dtype)
     with torch.inference_mode():
@@ -69,5 +86,11 @@ def main(argv=None) -> str:
     return answer
 
 
+def main(argv=None) -> str:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
 if __name__ == "__main__":
-    main()
+    run_command(main)

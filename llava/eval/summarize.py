@@ -36,6 +36,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from ..cli import fail
 from .io import EvalInputError, read_json, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         table = summarize(args.eval_dir, args.baseline, args.run, _parse_assignments(args.label, "--label"),
                           _parse_scores(args.score), args.sqa_metric)
     except EvalInputError as error:
-        raise SystemExit(f"error: {error}") from error
+        fail(error)
     markdown = format_markdown(table)
     print(markdown)
     if args.output_md:

@@ -17,13 +17,16 @@ the projector is never silently re-initialised.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import logging
 import os
 
 import torch
 
+from ..cli import InputError, MissingDependencyError
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from .hub import ResolutionError, looks_like_hub_id, resolve_pretrained
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .multimodal_encoder.builder import resolve_vision_tower
 from .multimodal_encoder.clip_encoder import load_clip_image_processor
@@ -33,19 +36,21 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CHECKPOINT_FORMATS",
     "CheckpointError",
+    "bnb_quantization_config",
     "detect_checkpoint_format",
     "is_hf_llava",
     "read_config",
     "load_llava_config",
     "load_pretrained_model",
     "load_tokenizer",
+    "resolve_checkpoint",
 ]
 
 CHECKPOINT_FORMATS = ("auto", "full", "lora", "projector", "hf")
 _SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint folder (or base + checkpoint pair) that cannot be loaded as asked."""
 
 
@@ -95,17 +100,13 @@ def detect_checkpoint_format(model_path: str) -> str:
     )
 
 
-def _resolve_path(path: str, what: str) -> str:
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise CheckpointError(f"{what} {path!r} is a file, not a checkpoint folder")
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or path.startswith(("/", ".", "~")) or path.count("/") != 1:
-        raise CheckpointError(f"{what} {path!r} does not exist")
-    from huggingface_hub import snapshot_download
-
-    logger.info("downloading %s from the hub", path)
-    return snapshot_download(path)
+def resolve_checkpoint(path: str, what: str = "model path") -> str:
+    """The local folder of a checkpoint given as a folder or a hub id (from the Hugging Face
+    cache when offline; see ``llava.model.hub``)."""
+    try:
+        return resolve_pretrained(path, what)
+    except ResolutionError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def load_llava_config(path: str, vision_tower: str | None = None, search_dirs: tuple[str, ...] = ()) -> LlavaConfig:
@@ -268,9 +269,10 @@ def load_pretrained_model(
     """
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise CheckpointError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
-    model_path = _resolve_path(model_path, "model path")
+    model_path = resolve_checkpoint(model_path, "model path")
+    base_name = model_base
     if model_base is not None:
-        model_base = _resolve_path(model_base, "model base")
+        model_base = resolve_checkpoint(model_base, "model base")
     layout = detect_checkpoint_format(model_path) if checkpoint_format == "auto" else checkpoint_format
     logger.info("loading %s as a %s checkpoint%s", model_name or model_path, layout,
                 f" on base {model_base}" if model_base else "")
@@ -299,10 +301,13 @@ def load_pretrained_model(
     load_kwargs = dict(dtype=dtype, **kwargs)
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
+    if load_8bit and load_4bit:
+        raise CheckpointError("choose load_8bit or load_4bit, not both")
     if device.startswith("cuda"):
         load_kwargs["device_map"] = device_map if device_map is not None else {"": device}
     if load_8bit or load_4bit:
-        load_kwargs["quantization_config"] = _quantization_config(load_8bit, load_4bit, dtype)
+        load_kwargs["quantization_config"] = bnb_quantization_config(8 if load_8bit else 4, dtype)
+        load_kwargs.setdefault("device_map", {"": device})
 
     if layout == "hf":
         from .convert_hf import load_hf_llava
@@ -315,6 +320,8 @@ def load_pretrained_model(
         if layout == "full":
             model = LlavaLlamaForCausalLM.from_pretrained(model_path, config=config, **load_kwargs)
         else:
+            if layout == "lora":
+                _warn_if_other_base(model_path, base_name, model_base)
             model = _load_on_base(layout, model_path, model_base, config, load_kwargs)
         tokenizer = load_tokenizer(model_path, model_base)
         image_processor_path = model.get_vision_tower().vision_tower_name
@@ -364,22 +371,56 @@ def _load_on_base(layout: str, model_path: str, model_base: str, config: LlavaCo
     return model.merge_and_unload()
 
 
-def _quantization_config(load_8bit: bool, load_4bit: bool, dtype):
-    if load_8bit and load_4bit:
-        raise CheckpointError("choose load_8bit or load_4bit, not both")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise ImportError("8/4-bit loading needs bitsandbytes: pip install 'llava-adsc[train]'") from error
+# Kept in full precision when the language model is quantised (upstream's choice): our names
+# and llava-hf's. Full module-name prefixes, because transformers 5 matches skip names from
+# the start of a module's name (or as its last part), not anywhere inside it.
+UNQUANTISED_MODULES = ("model.mm_projector", "model.multi_modal_projector", "model.vision_tower", "lm_head")
+
+
+def bnb_quantization_config(bits: int, compute_dtype: torch.dtype, double_quant: bool = True, quant_type: str = "nf4"):
+    """bitsandbytes settings for a ``bits``-bit (4 or 8) language model; the vision tower,
+    projector and ``lm_head`` stay in ``compute_dtype``. Raises ``MissingDependencyError``
+    without bitsandbytes."""
+    if bits not in (4, 8):
+        raise InputError(f"quantisation is 4 or 8 bits, got {bits}")
+    if quant_type not in ("nf4", "fp4"):
+        raise InputError(f"4-bit quant_type is nf4 or fp4, got {quant_type!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependencyError(f"{bits}-bit loading needs bitsandbytes: pip install 'llava-adsc[train]'")
     from transformers import BitsAndBytesConfig
 
-    skip = ["mm_projector", "vision_tower", "lm_head"]
-    if load_8bit:
+    skip = list(UNQUANTISED_MODULES)
+    if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_quant_type=quant_type,
         llm_int8_skip_modules=skip,
+    )
+
+
+def _warn_if_other_base(adapter_path: str, base_given: str, base_path: str) -> None:
+    """Warn when the LoRA adapter records a base (a hub id or an existing folder) other than
+    the one it is being loaded on: a base of the same shape loads silently but is wrong
+    (vicuna-7b instead of llava-v1.5-7b)."""
+    with open(os.path.join(adapter_path, "adapter_config.json")) as f:
+        recorded = json.load(f).get("base_model_name_or_path")
+    if not recorded or recorded == base_given:
+        return
+    if os.path.isdir(recorded):
+        if os.path.realpath(recorded) == os.path.realpath(base_path):
+            return
+    elif not looks_like_hub_id(recorded):
+        return  # a folder of another machine: nothing to compare with
+    else:
+        try:
+            if os.path.realpath(resolve_pretrained(recorded, "recorded base", local_only=True)) == os.path.realpath(base_path):
+                return
+        except ResolutionError:
+            pass
+    logger.warning(
+        "the LoRA adapter %s was trained on base %r but is being loaded on %r: if that is not the same "
+        "model, its answers will be wrong", adapter_path, recorded, base_given,
     )

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 
+from llava.cli import InputError, fail
 from llava.model.builder import load_pretrained_model
 
 
@@ -46,8 +47,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         print(merge_lora(args.model_path, args.model_base, args.save_model_path))
-    except FileExistsError as error:
-        raise SystemExit(f"error: {error}") from error
+    except (FileExistsError, InputError) as error:
+        fail(error)
 
 
 if __name__ == "__main__":

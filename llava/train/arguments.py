@@ -1,7 +1,8 @@
 """Command-line arguments of ``llava.train.train``: upstream LLaVA's flag names plus ADSC's.
 
 Parsed with ``transformers.HfArgumentParser`` into four dataclasses; nothing is kept in
-module-level state.
+module-level state. A bad value raises ``llava.cli.InputError`` (a ``ValueError``) naming
+the flag.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from ..cli import InputError
+
 CURRICULA = ("reverse", "standard", "direct", "none")
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 DEFAULT_FACTORS = {"reverse": (0.8, 0.9, 1.0), "standard": (1.2, 1.1, 1.0), "direct": (1.0,), "none": ()}
 
 
@@ -28,6 +32,11 @@ class ModelArguments:
     mm_use_im_patch_token: bool = field(default=False)
     mm_patch_merge_type: str = field(default="flat")
     mm_vision_select_feature: str = field(default="patch")
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "attention of the language model: eager, sdpa (default) or flash_attention_2 "
+                          "(needs flash-attn and a CUDA GPU; train_mem.py's default when both are there)"},
+    )
 
 
 @dataclass
@@ -40,6 +49,11 @@ class DataArguments:
     skip_missing_images: bool = field(
         default=False, metadata={"help": "drop samples whose image file is missing (counted) instead of failing"}
     )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "drop samples with a missing or undecodable image, or that --model_max_length would cut "
+                          "badly (every reply cut off, an image cut in two), instead of failing; logged with examples"},
+    )
 
 
 @dataclass
@@ -50,9 +64,13 @@ class TrainingArguments(transformers.TrainingArguments):
     freeze_mm_mlp_adapter: bool = field(default=False)
     mpt_attn_impl: str | None = field(default="triton", metadata={"help": "unused (upstream MPT flag)"})
     model_max_length: int = field(default=2048, metadata={"help": "longest spliced sequence (text + image tokens)"})
-    double_quant: bool = field(default=True)
-    quant_type: str = field(default="nf4")
-    bits: int = field(default=16)
+    double_quant: bool = field(default=True, metadata={"help": "--bits 4: quantise the quantisation constants too"})
+    quant_type: str = field(default="nf4", metadata={"help": "--bits 4: nf4 or fp4"})
+    bits: int = field(default=16, metadata={"help": "4 or 8: QLoRA on a bitsandbytes-quantised language model"})
+    save_every_minutes: float = field(
+        default=30,
+        metadata={"help": "also save a checkpoint when this many minutes have passed since the last (0: off)"},
+    )
     lora_enable: bool = field(default=False)
     lora_r: int = field(default=64)
     lora_alpha: int = field(default=16)
@@ -68,10 +86,14 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self):
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+                raise InputError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if self.save_every_minutes < 0:
+            raise InputError(f"--save_every_minutes must be >= 0 (0: off), got {self.save_every_minutes}")
+        if self.bits not in (4, 8, 16, 32):
+            raise InputError(f"--bits must be 4 or 8 (QLoRA), or 16/32 (no quantisation), got {self.bits}")
         super().__post_init__()
 
 
@@ -101,13 +123,13 @@ class AdscArguments:
         try:
             return [int(x) for x in self.prune_layers.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--prune_layers takes comma-separated integers, got {self.prune_layers!r}") from None
+            raise InputError(f"--prune_layers takes comma-separated integers, got {self.prune_layers!r}") from None
 
     def factors(self) -> tuple[float, ...]:
         if self.curriculum not in CURRICULA:
-            raise ValueError(f"--curriculum must be one of {CURRICULA}, got {self.curriculum!r}")
+            raise InputError(f"--curriculum must be one of {CURRICULA}, got {self.curriculum!r}")
         if self.curriculum_factors:
-            return tuple(float(x) for x in self.curriculum_factors.split(","))
+            return _floats(self.curriculum_factors, "--curriculum_factors")
         return DEFAULT_FACTORS[self.curriculum]
 
     def fractions(self) -> tuple[float, ...]:
@@ -116,19 +138,26 @@ class AdscArguments:
             return ()
         if not self.curriculum_phase_fractions:
             return tuple([1.0 / count] * count)
-        fractions = tuple(float(x) for x in self.curriculum_phase_fractions.split(","))
+        fractions = _floats(self.curriculum_phase_fractions, "--curriculum_phase_fractions")
         if len(fractions) != count or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise ValueError(
+            raise InputError(
                 f"--curriculum_phase_fractions needs {count} positive shares summing to 1, got {fractions}"
             )
         return fractions
 
     def validate(self) -> None:
         if self.finetune_mode not in ("lora", "full"):
-            raise ValueError(f"--finetune_mode must be lora or full, got {self.finetune_mode!r}")
+            raise InputError(f"--finetune_mode must be lora or full, got {self.finetune_mode!r}")
         if self.drop_ratio is not None and self.vision_token_budget is not None:
-            raise ValueError("give --drop_ratio or --vision_token_budget, not both")
+            raise InputError("give --drop_ratio or --vision_token_budget, not both")
         if self.curriculum == "none" and (self.drop_ratio or self.vision_token_budget or self.curriculum_factors):
-            raise ValueError("--curriculum none trains on all vision tokens: drop the pruning target flags")
+            raise InputError("--curriculum none trains on all vision tokens: drop the pruning target flags")
         self.layers()
         self.fractions()
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise InputError(f"{flag} takes comma-separated numbers, got {text!r}") from None

@@ -15,6 +15,8 @@ from transformers import TrainerCallback
 
 from adsc_patch import VisionSchedule, solve_drop_ratio
 
+from ..cli import InputError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CurriculumPhase", "plan_curriculum", "phase_at", "CurriculumCallback"]
@@ -52,7 +54,7 @@ def plan_curriculum(
     is solved here, so an infeasible one fails before training starts.
     """
     if len(factors) != len(fractions):
-        raise ValueError(f"{len(factors)} curriculum factors but {len(fractions)} phase fractions")
+        raise InputError(f"{len(factors)} curriculum factors but {len(fractions)} phase fractions")
     phases, cumulative = [], 0.0
     for index, (factor, fraction) in enumerate(zip(factors, fractions)):
         start = round(total_steps * cumulative)

@@ -7,6 +7,11 @@ with offsets, and a token is a target exactly when its characters lie inside an 
 reply (with its ``</s>``): no per-piece length arithmetic, so nothing can silently drift
 out of line. A token straddling a reply's boundary, or a reply whose tokens do not decode
 back to it, is an error naming the sample.
+
+Before training, one pass over the data (``check_records``) finds every sample that would
+fail or teach nothing: a missing or undecodable image, and a sample that
+``--model_max_length`` would cut badly once each ``<image>`` marker has become the vision
+tower's features (all its replies cut off, or an image's features cut in two).
 """
 
 from __future__ import annotations
@@ -14,27 +19,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from ..cli import InputError
+from ..constants import (
+    DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX,
+)
 from ..conversation import get_conv_template
 from ..mm_utils import load_image, process_images, tokenizer_image_token_with_offsets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataError", "load_records", "validate_records", "encode_conversation", "LazySupervisedDataset",
+__all__ = ["DataError", "LengthCheck", "DataCheck", "load_records", "image_problem", "splice_problem",
+           "check_records", "validate_records", "encode_conversation", "LazySupervisedDataset",
            "DataCollatorForSupervisedDataset"]
 
 TRAINABLE_TEMPLATES = ("v1", "vicuna_v1", "llava_v1", "plain")
 _ROLES = ("human", "gpt")
+MAX_REPORTED = 10  # bad samples collected before the check stops and raises
+_JPEG_END = b"\xff\xd9"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A training sample or data file that cannot be used, named by its id."""
 
 
@@ -84,31 +96,165 @@ def _check_record(record: Any, index: int) -> None:
         raise DataError(f"{name} has {sum(markers)} <image> marker(s) but no 'image'")
 
 
-def validate_records(
-    records: Sequence[dict], image_folder: str | None, skip_missing_images: bool = False
-) -> tuple[list[dict], list[str]]:
-    """Check every sample's structure and image file up front.
+def image_problem(path: str) -> str | None:
+    """Why the image at ``path`` cannot be used, or None.
 
-    Returns the usable samples and the names of those skipped for a missing image (only
-    with ``skip_missing_images``; otherwise a missing image raises, naming the sample).
+    Cheap: ``Image.open`` reads the header and ``verify()`` walks a PNG's chunks and
+    checksums (a truncated PNG fails); a JPEG is decoded only when its end marker is missing
+    from its last kilobyte (a truncated JPEG fails, one with trailing bytes passes).
     """
-    kept, skipped = [], []
+    if not os.path.isfile(path):
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+            image.verify()
+        if kind == "JPEG" and not _ends_like_jpeg(path):
+            with Image.open(path) as image:
+                image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        return f"image cannot be decoded: {path} ({type(error).__name__}: {error})"
+    return None
+
+
+def _ends_like_jpeg(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 1024))
+        return _JPEG_END in f.read()
+
+
+def splice_problem(ids: Sequence[int], labels: Sequence[int], max_length: int | None, image_tokens: int) -> str | None:
+    """What truncation to ``max_length`` would break once every image marker in ``ids`` has
+    become ``image_tokens`` features (as the model splices them, keeping the first
+    ``max_length`` positions), or None: an image cut in two, every reply cut off, or an
+    image dropped."""
+    markers = [i for i, token in enumerate(ids) if token == IMAGE_TOKEN_INDEX]
+    length = len(ids) + (image_tokens - 1) * len(markers)
+    if max_length is None or length <= max_length:
+        return None
+    where = f"{length} tokens with {len(markers)} image(s) of {image_tokens} features"
+    starts = [marker + (image_tokens - 1) * count for count, marker in enumerate(markers)]
+    for start in starts:  # what the model refuses mid-run ("would cut an image in two")
+        if start < max_length < start + image_tokens:
+            return (f"{where}: --model_max_length {max_length} would cut an image in two (its features are "
+                    f"tokens {start}-{start + image_tokens})")
+    first_target = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+    if first_target is not None:
+        start = first_target + (image_tokens - 1) * sum(m < first_target for m in markers)
+        if start >= max_length:
+            return (f"{where}: --model_max_length {max_length} cuts off every reply (the first starts at "
+                    f"token {start})")
+    for start in starts:
+        if start >= max_length:
+            return f"{where}: --model_max_length {max_length} would drop an image (at token {start})"
+    return None
+
+
+@dataclass
+class LengthCheck:
+    """Tokenise a sample as training will and check it against ``max_length`` (see
+    ``splice_problem``); ``image_tokens`` is the tower's ``num_patches`` (1: ids alone)."""
+
+    tokenizer: Any
+    template: str
+    max_length: int | None = None
+    image_tokens: int = 1
+    use_im_start_end: bool = False
+
+    def __call__(self, record: dict, name: str) -> tuple[int, str | None]:
+        """The spliced length and the problem (None when the sample fits)."""
+        ids, labels = _encode(record, self.tokenizer, self.template, self.use_im_start_end, name)
+        markers = sum(token == IMAGE_TOKEN_INDEX for token in ids)
+        length = len(ids) + (self.image_tokens - 1) * markers
+        return length, splice_problem(ids, labels, self.max_length, self.image_tokens)
+
+
+@dataclass
+class DataCheck:
+    """What ``check_records`` found: the usable samples, the names of those dropped (with
+    why), and the spliced length of every usable sample (when lengths were checked)."""
+
+    kept: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+
+def check_records(
+    records: Sequence[dict], image_folder: str | None, skip_missing_images: bool = False,
+    skip_bad_samples: bool = False, lengths: LengthCheck | None = None,
+) -> DataCheck:
+    """Check every sample once, up front: structure (always fatal), the image file (there
+    and decodable) and, with ``lengths``, the tokens after splicing.
+
+    A bad sample is dropped with ``skip_bad_samples`` (a missing image also with
+    ``skip_missing_images``); otherwise the check stops at the ``MAX_REPORTED``-th bad
+    sample (or the end) and raises one ``DataError`` naming them.
+    """
+    result, problems = DataCheck(), []
     for index, record in enumerate(tqdm(records, desc="checking data", disable=len(records) < 10000)):
         _check_record(record, index)
-        if "image" in record:
-            path = os.path.join(image_folder or "", record["image"])
-            if not os.path.isfile(path):
-                if skip_missing_images:
-                    skipped.append(_sample_name(record, index))
-                    continue
-                raise DataError(
-                    f"{_sample_name(record, index)}: image file not found: {path} "
-                    "(fix --image_folder, or pass --skip_missing_images to drop such samples)"
-                )
-        kept.append(record)
-    if skipped:
-        logger.warning("skipped %d samples with missing images, e.g. %s", len(skipped), skipped[:5])
-    return kept, skipped
+        name = _sample_name(record, index)
+        problem = _image_problem(record, image_folder)
+        length = None
+        if problem is None and lengths is not None:
+            length, text = lengths(record, name)
+            problem = ("too long", text) if text else None
+        if problem is None:
+            result.kept.append(record)
+            if length is not None:
+                result.lengths.append(length)
+            continue
+        kind, text = problem
+        if skip_bad_samples or (kind == "missing image" and skip_missing_images):
+            result.skipped.append(name)
+            result.reasons.append(f"{name}: {text}")
+            continue
+        problems.append((kind, f"{name}: {text}"))
+        if len(problems) >= MAX_REPORTED:
+            _raise_problems(problems, stopped_at=index + 1, total=len(records))
+    if problems:
+        _raise_problems(problems)
+    if result.skipped:
+        logger.warning("dropped %d of %d samples, e.g. %s", len(result.skipped), len(records),
+                       "; ".join(result.reasons[:5]))
+    return result
+
+
+def _image_problem(record: dict, image_folder: str | None) -> tuple[str, str] | None:
+    if "image" not in record:
+        return None
+    problem = image_problem(os.path.join(image_folder or "", record["image"]))
+    if problem is None:
+        return None
+    return ("missing image" if problem.startswith("image file not found") else "undecodable image"), problem
+
+
+def _raise_problems(problems: list[tuple[str, str]], stopped_at: int | None = None, total: int = 0):
+    for _, text in problems:
+        logger.error("%s", text)
+    if all(kind == "missing image" for kind, _ in problems):
+        hint = ("fix --image_folder, or pass --skip_missing_images True (or --skip_bad_samples True) to drop "
+                "such samples")
+    else:
+        hint = "pass --skip_bad_samples True to drop such samples"
+    if len(problems) == 1:
+        raise DataError(f"{problems[0][1]} ({hint})")
+    count = f"{len(problems)} bad samples"
+    if stopped_at is not None:
+        count = f"at least {len(problems)} bad samples (the first {stopped_at} of {total} checked)"
+    shown = "; ".join(text for _, text in problems[:3])
+    more = f"; and {len(problems) - 3} more (logged above)" if len(problems) > 3 else ""
+    raise DataError(f"{count} ({hint}): {shown}{more}")
+
+
+def validate_records(
+    records: Sequence[dict], image_folder: str | None, skip_missing_images: bool = False,
+    skip_bad_samples: bool = False, lengths: LengthCheck | None = None,
+) -> tuple[list[dict], list[str]]:
+    """``check_records`` as (usable samples, names of the dropped ones)."""
+    result = check_records(records, image_folder, skip_missing_images, skip_bad_samples, lengths)
+    return result.kept, result.skipped
 
 
 def _move_image_to_front(value: str, use_im_start_end: bool) -> str:
@@ -131,8 +277,16 @@ def encode_conversation(
     name: str = "sample",
 ) -> EncodedSample:
     """Token ids and labels of one sample; only assistant replies (with ``</s>``) are targets."""
+    ids, labels = _encode(record, tokenizer, template, use_im_start_end, name)
+    if max_length is not None and len(ids) > max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return EncodedSample(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long))
+
+
+def _encode(record: dict, tokenizer, template: str, use_im_start_end: bool, name: str) -> tuple[list[int], list[int]]:
+    """Untruncated token ids and labels (lists) of one sample."""
     if template not in TRAINABLE_TEMPLATES:
-        raise ValueError(f"--version {template!r} cannot be trained; use one of {TRAINABLE_TEMPLATES}")
+        raise InputError(f"--version {template!r} cannot be trained; use one of {TRAINABLE_TEMPLATES}")
     conv = get_conv_template(template)
     turns = record["conversations"]
     if template == "plain":
@@ -150,13 +304,18 @@ def encode_conversation(
     text, spans = conv.render()
     ids, offsets = tokenizer_image_token_with_offsets(text, tokenizer)
     labels = [IGNORE_INDEX] * len(ids)
+    i = 0  # one pass: the spans and the token offsets both run left to right
     for start, end in spans:
+        while i < len(offsets) and offsets[i][1] <= start:
+            i += 1
         inside = []
-        for i, (a, b) in enumerate(offsets):
-            if a >= start and b <= end and b > a:
-                inside.append(i)
-            elif a < start < b or a < end < b:
+        while i < len(offsets) and offsets[i][0] < end:
+            a, b = offsets[i]
+            if a < start < b or a < end < b:
                 raise DataError(f"{name}: token {i} ({a}-{b}) straddles the reply at {start}-{end}")
+            if b > a:
+                inside.append(i)
+            i += 1
         if not inside:
             raise DataError(f"{name}: the reply at characters {start}-{end} has no tokens")
         decoded = tokenizer.decode([ids[i] for i in inside]).strip()
@@ -165,24 +324,29 @@ def encode_conversation(
             raise DataError(f"{name}: reply tokens decode to {decoded!r}, expected {expected!r}")
         for i in inside:
             labels[i] = ids[i]
-    if max_length is not None and len(ids) > max_length:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return EncodedSample(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long))
+    return ids, labels
 
 
 class LazySupervisedDataset(Dataset):
-    """LLaVA JSON data, validated at start, tokenised and image-processed on access.
+    """LLaVA JSON data, checked at start (``check_records``), tokenised and image-processed on
+    access.
 
     ``max_length`` truncates the token ids (the model truncates again after splicing the
-    image features, to ``config.tokenizer_model_max_length``).
+    image features, to ``config.tokenizer_model_max_length``); ``image_tokens`` is the number
+    of features each ``<image>`` becomes (the tower's ``num_patches``), so that the check
+    sees the spliced lengths. ``lengths`` holds the spliced length of every sample.
     """
 
     def __init__(self, data_path: str, tokenizer, template: str, image_folder: str | None, image_processor,
-                 model_config, max_length: int | None = None, skip_missing_images: bool = False):
+                 model_config, max_length: int | None = None, skip_missing_images: bool = False,
+                 image_tokens: int = 1, skip_bad_samples: bool = False):
         records = load_records(data_path)
         if template not in TRAINABLE_TEMPLATES:
-            raise ValueError(f"--version {template!r} cannot be trained; use one of {TRAINABLE_TEMPLATES}")
-        self.records, self.skipped = validate_records(records, image_folder, skip_missing_images)
+            raise InputError(f"--version {template!r} cannot be trained; use one of {TRAINABLE_TEMPLATES}")
+        use_im_start_end = getattr(model_config, "mm_use_im_start_end", False)
+        check = check_records(records, image_folder, skip_missing_images, skip_bad_samples,
+                              LengthCheck(tokenizer, template, max_length, image_tokens, use_im_start_end))
+        self.records, self.skipped, self.lengths = check.kept, check.skipped, check.lengths
         if not self.records:
             raise DataError(f"{data_path}: no usable samples")
         self.tokenizer = tokenizer

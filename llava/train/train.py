@@ -1,36 +1,57 @@
 """ADSC fine-tuning of LLaVA-1.5: ``python -m llava.train.train`` (or the deepspeed launcher).
 
 Upstream's flags (``--model_name_or_path --version --data_path --image_folder
---lora_enable --lora_r --lora_alpha --mm_projector_lr --model_max_length ...``) plus
+--lora_enable --lora_r --lora_alpha --mm_projector_lr --model_max_length --bits ...``) plus
 ``--prune_layers``, ``--drop_ratio``/``--vision_token_budget``, ``--curriculum``
-(``reverse``|``standard``|``direct``), ``--curriculum_factors``,
-``--curriculum_phase_fractions`` and ``--finetune_mode`` (``lora``|``full``).
+(``reverse``|``standard``|``direct``|``none``), ``--curriculum_factors``,
+``--curriculum_phase_fractions``, ``--finetune_mode`` (``lora``|``full``),
+``--attn_implementation``, ``--save_every_minutes`` and ``--skip_bad_samples``.
 
 The run resumes from the newest ``checkpoint-*`` in ``--output_dir`` when there is one
-(upstream's behaviour), including the curriculum phase of that step.
+(upstream's behaviour), including the curriculum phase of that step. Upstream's
+invocations work too: ``python llava/train/train.py ...`` and ``deepspeed
+llava/train/train_mem.py ...``. Bad input ends the command with one line ``error: ...``
+and exit code 2 (the traceback with ``--debug``).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # ``python llava/train/train.py``: import llava from the repository, not from this folder
+    # (whose data.py, trainer.py, ... would shadow top-level modules of the same names).
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _root = os.path.dirname(os.path.dirname(_here))
+    if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _here:
+        sys.path[0] = _root
+    else:  # python -P: no script folder on the path
+        sys.path.insert(0, _root)
+
+import importlib.util
 import json
 import logging
-import os
 import pathlib
-import sys
 from dataclasses import dataclass
 
 import torch
 import transformers
 
 from adsc_patch import ScheduleError, default_prune_layers, vision_schedule
-
-from ..model import LlavaConfig, LlavaLlamaForCausalLM
-from ..model.builder import is_hf_llava, read_config, load_llava_config, load_tokenizer
-from ..model.multimodal_encoder.clip_encoder import load_clip_image_processor
-from .arguments import AdscArguments, DataArguments, ModelArguments, TrainingArguments
-from .curriculum import CurriculumCallback, plan_curriculum
-from .data import DataCollatorForSupervisedDataset, LazySupervisedDataset
-from .trainer import LLaVATrainer, save_training_output
+from llava.cli import InputError, MissingDependencyError, run_command
+from llava.model import LlavaConfig, LlavaLlamaForCausalLM
+from llava.model.builder import (
+    bnb_quantization_config, is_hf_llava, load_llava_config, load_tokenizer, read_config, resolve_checkpoint,
+)
+from llava.model.hub import resolve_pretrained
+from llava.model.multimodal_encoder.clip_encoder import load_clip_image_processor
+from llava.train.arguments import (
+    ATTENTION_IMPLEMENTATIONS, AdscArguments, DataArguments, ModelArguments, TrainingArguments,
+)
+from llava.train.curriculum import CurriculumCallback, plan_curriculum
+from llava.train.data import DataCollatorForSupervisedDataset, DataError, LazySupervisedDataset
+from llava.train.trainer import LLaVATrainer, SaveEveryMinutesCallback, save_training_output
 
 logger = logging.getLogger("llava.train")
 
@@ -38,8 +59,50 @@ LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|do
 
 
 def parse_args(argv=None):
+    """The four argument dataclasses; an unknown flag or a refused value raises ``InputError``."""
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, AdscArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except InputError:
+        raise
+    except ValueError as error:  # transformers' TrainingArguments refusing a combination of flags
+        raise InputError(str(error)) from error
+    if unknown:
+        raise InputError(f"unrecognised arguments: {' '.join(unknown)}")
+    return parsed
+
+
+def resolve_attention(requested: str | None, preferred: str = "sdpa", cuda: bool | None = None) -> str:
+    """The attention implementation to load: ``requested`` (``--attn_implementation``) when
+    given, else ``preferred``, where an unusable ``flash_attention_2`` falls back to sdpa
+    with a log line (train_mem.py's default). A requested flash_attention_2 without
+    flash-attn raises ``MissingDependencyError``, without a CUDA GPU ``InputError``."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if requested is None:
+        missing = _flash_attention_missing(cuda) if preferred == "flash_attention_2" else None
+        if missing:
+            logger.info("attention: sdpa (flash_attention_2 needs %s)", missing)
+            return "sdpa"
+        requested = preferred
+    if requested not in ATTENTION_IMPLEMENTATIONS:
+        raise InputError(f"--attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
+                         f"got {requested!r}")
+    if requested == "flash_attention_2":
+        missing = _flash_attention_missing(cuda)
+        if missing == "the flash-attn package":
+            raise MissingDependencyError("--attn_implementation flash_attention_2 needs the flash-attn package "
+                                         "(pip install flash-attn --no-build-isolation); or use sdpa")
+        if missing:
+            raise InputError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
+    return requested
+
+
+def _flash_attention_missing(cuda: bool) -> str | None:
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package"
+    if not cuda:
+        return "a CUDA GPU"
+    return None
 
 
 def _dtype(training_args) -> torch.dtype:
@@ -50,29 +113,46 @@ def _dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
-def build_model(model_args: ModelArguments, training_args: TrainingArguments):
+def _load_kwargs(training_args: TrainingArguments, attn_implementation: str) -> dict:
+    """``from_pretrained`` keywords: dtype, attention and, with ``--bits 4/8``, the bitsandbytes
+    settings (the vision tower, projector and ``lm_head`` stay unquantised)."""
+    dtype = _dtype(training_args)
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if training_args.bits in (4, 8):
+        kwargs["quantization_config"] = bnb_quantization_config(
+            training_args.bits, dtype, training_args.double_quant, training_args.quant_type
+        )
+        kwargs["device_map"] = {"": training_args.device}
+    return kwargs
+
+
+def build_model(model_args: ModelArguments, training_args: TrainingArguments, attn_implementation: str = "sdpa"):
     """The LLaVA model to train and its tokenizer.
 
     From a LLaVA checkpoint (upstream layout or llava-hf), or from a plain Llama checkpoint
     plus ``--vision_tower`` (upstream's stage 2; the projector from
-    ``--pretrain_mm_mlp_adapter``, else freshly initialised).
+    ``--pretrain_mm_mlp_adapter``, else freshly initialised). With ``--bits 4/8`` the
+    language model is loaded quantised.
     """
-    path = model_args.model_name_or_path
-    dtype = _dtype(training_args)
+    path = resolve_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
     raw = read_config(path)
+    if is_hf_llava(raw) and training_args.bits in (4, 8):
+        raise InputError(f"--bits {training_args.bits} needs a checkpoint in upstream LLaVA layout; {path} is a "
+                         "llava-hf (LlavaForConditionalGeneration) checkpoint")
+    load_kwargs = _load_kwargs(training_args, attn_implementation)
     if is_hf_llava(raw):
-        from ..model.convert_hf import load_hf_llava
+        from llava.model.convert_hf import load_hf_llava
 
-        model = load_hf_llava(path, dtype=dtype)
+        model = load_hf_llava(path, **load_kwargs)
     elif raw.get("mm_vision_tower") or raw.get("vision_tower"):
         config = load_llava_config(path, vision_tower=model_args.vision_tower)
-        model = LlavaLlamaForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+        model = LlavaLlamaForCausalLM.from_pretrained(path, config=config, **load_kwargs)
     else:
         if not model_args.vision_tower:
-            raise ValueError(f"{path} is a plain language model: pass --vision_tower to build a LLaVA on it")
+            raise InputError(f"{path} is a plain language model: pass --vision_tower to build a LLaVA on it")
         from transformers import CLIPVisionConfig
 
-        tower = CLIPVisionConfig.from_pretrained(model_args.vision_tower)
+        tower = CLIPVisionConfig.from_pretrained(resolve_pretrained(model_args.vision_tower, "--vision_tower"))
         raw.pop("model_type", None)
         raw.pop("architectures", None)
         config = LlavaConfig(
@@ -88,7 +168,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
             mm_use_im_start_end=model_args.mm_use_im_start_end,
             mm_use_im_patch_token=model_args.mm_use_im_patch_token,
         )
-        model = LlavaLlamaForCausalLM.from_pretrained(path, config=config, dtype=dtype, allow_missing_projector=True)
+        model = LlavaLlamaForCausalLM.from_pretrained(path, config=config, allow_missing_projector=True, **load_kwargs)
         if model_args.pretrain_mm_mlp_adapter:
             weights = torch.load(model_args.pretrain_mm_mlp_adapter, map_location="cpu", weights_only=True)
             projector = {k.split("mm_projector.", 1)[1]: v for k, v in weights.items() if "mm_projector." in k}
@@ -109,7 +189,8 @@ def _target_budget(model, adsc: AdscArguments, layers: list[int]) -> float:
         return vision_schedule(n_layers, schedule_n, layers, adsc.drop_ratio).average_tokens
     if model.config.prune_layers and model.config.drop_ratio > 0:
         return model.vision_schedule().average_tokens
-    raise ValueError("give --vision_token_budget (e.g. 192) or --drop_ratio: the target of the ADSC fine-tune")
+    raise InputError("give --vision_token_budget (e.g. 192) or --drop_ratio: the target of the ADSC fine-tune "
+                     "(or --curriculum none to train on all vision tokens, as upstream's recipe does)")
 
 
 def _set_trainable(model, adsc: AdscArguments, model_args: ModelArguments, training_args: TrainingArguments):
@@ -119,7 +200,13 @@ def _set_trainable(model, adsc: AdscArguments, model_args: ModelArguments, train
         model.model.mm_projector.requires_grad_(True)
         return model, "projector"
     if adsc.finetune_mode == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if training_args.bits in (4, 8):  # QLoRA: norms and the unquantised modules in fp32, LM frozen
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=training_args.gradient_checkpointing,
+                gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+            )
 
         lora = LoraConfig(
             r=training_args.lora_r,
@@ -148,12 +235,41 @@ class TrainingResult:
     dataset: LazySupervisedDataset
 
 
-def train(argv=None) -> str:
-    """The command line: run a fine-tune, return the output folder."""
-    return run_training(argv).output_dir
+def train(argv=None, attn_implementation: str | None = None) -> str:
+    """Run a fine-tune, return the output folder. ``attn_implementation``: the attention
+    when ``--attn_implementation`` is not given (default sdpa; ``flash_attention_2`` as
+    upstream's train_mem passes it falls back to sdpa without flash-attn or CUDA)."""
+    return run_training(argv, attn_implementation).output_dir
 
 
-def run_training(argv=None) -> TrainingResult:
+def main(argv=None) -> str:
+    """The command line: bad input ends it with ``error: ...`` and exit code 2."""
+    return run_command(train, argv)
+
+
+def _check_flags(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+                 adsc: AdscArguments) -> None:
+    """Refuse contradicting flags and a missing data file before any weight is loaded."""
+    adsc.validate()
+    if training_args.lora_enable and adsc.finetune_mode == "full":
+        raise InputError("--lora_enable True contradicts --finetune_mode full")
+    if training_args.bits in (4, 8):
+        if adsc.finetune_mode == "full" or model_args.tune_mm_mlp_adapter:
+            what = "--finetune_mode full" if adsc.finetune_mode == "full" else "--tune_mm_mlp_adapter True"
+            raise InputError(f"--bits {training_args.bits} (QLoRA) trains LoRA adapters on a frozen quantised "
+                             f"language model: it cannot be combined with {what}")
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise InputError(f"--bits {training_args.bits} does not work with DeepSpeed ZeRO-3: use ZeRO-2 "
+                             "(--deepspeed scripts/zero2.json)")
+    if not data_args.data_path:
+        raise InputError("give --data_path (LLaVA JSON or JSON lines)")
+    if not os.path.isfile(data_args.data_path):
+        raise DataError(f"data file not found: {data_args.data_path}")
+
+
+def run_training(argv=None, attn_implementation: str | None = None) -> TrainingResult:
     """Parse upstream-style arguments, fine-tune, write the output."""
     model_args, data_args, training_args, adsc = parse_args(argv)
     logging.basicConfig(
@@ -161,18 +277,18 @@ def run_training(argv=None) -> TrainingResult:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
-    adsc.validate()
-    if training_args.lora_enable and adsc.finetune_mode == "full":
-        raise ValueError("--lora_enable True contradicts --finetune_mode full")
-    if training_args.bits != 16:
-        raise ValueError("--bits 4/8 (QLoRA) is not supported: train in 16 or 32 bit")
+    _check_flags(model_args, data_args, training_args, adsc)
+    attention = resolve_attention(model_args.attn_implementation, attn_implementation or "sdpa",
+                                  cuda=torch.cuda.is_available() and not training_args.use_cpu)
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
     # Before any weight is made: LoRA adapters (and a fresh projector) are initialised from
     # the global RNG, which torch seeds at random in every process; the Trainer seeds only later.
     transformers.set_seed(training_args.seed)
-    model, tokenizer = build_model(model_args, training_args)
+    model, tokenizer = build_model(model_args, training_args, attention)
+    logger.info("attention: %s%s", model.config._attn_implementation,
+                f", language model in {training_args.bits} bit" if training_args.bits in (4, 8) else "")
     config = model.config
     config.use_cache = False
     config.tokenizer_model_max_length = training_args.model_max_length
@@ -204,15 +320,17 @@ def run_training(argv=None) -> TrainingResult:
         data_args.data_path, tokenizer, model_args.version, data_args.image_folder,
         load_clip_image_processor(tower.vision_tower_name), config,
         max_length=training_args.model_max_length, skip_missing_images=data_args.skip_missing_images,
+        image_tokens=tower.num_patches, skip_bad_samples=data_args.skip_bad_samples,
     )
     trained, mode = _set_trainable(model, adsc, model_args, training_args)
     curriculum = CurriculumCallback(model, plan) if factors else None
+    callbacks = [c for c in (curriculum, _timed_saves(training_args)) if c is not None]
     trainer = LLaVATrainer(
         model=trained,
         args=training_args,
         train_dataset=dataset,
         data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
-        callbacks=[curriculum] if curriculum else None,
+        callbacks=callbacks or None,
     )
     resume = training_args.resume_from_checkpoint
     if resume is None and list(pathlib.Path(training_args.output_dir).glob("checkpoint-*")):
@@ -234,6 +352,9 @@ def run_training(argv=None) -> TrainingResult:
             "curriculum": [p.describe(len(factors)) for p in curriculum.phases] if curriculum else [],
             "steps": trainer.state.global_step,
             "seed": training_args.seed,
+            "attn_implementation": model.config._attn_implementation,
+            "bits": training_args.bits,
+            "skipped_samples": len(dataset.skipped),
             "train_loss": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         }
         with open(os.path.join(training_args.output_dir, "adsc_training.json.tmp"), "w") as f:
@@ -243,5 +364,13 @@ def run_training(argv=None) -> TrainingResult:
     return TrainingResult(training_args.output_dir, model, trainer, dataset)
 
 
+def _timed_saves(training_args: TrainingArguments) -> SaveEveryMinutesCallback | None:
+    """A checkpoint every ``--save_every_minutes`` as well (off with 0 or ``--save_strategy no``)."""
+    if not training_args.save_every_minutes or training_args.save_strategy == "no":
+        return None
+    logger.info("a checkpoint every %g minutes as well", training_args.save_every_minutes)
+    return SaveEveryMinutesCallback(training_args.save_every_minutes)
+
+
 if __name__ == "__main__":
-    train()
+    main()

@@ -1,21 +1,25 @@
 """``LLaVATrainer``: the projector's own learning rate, modality-grouped batches, budget logging,
-and the atomic writing of the training output in upstream's layout."""
+checkpoints every so many minutes, and the atomic writing of the training output in
+upstream's layout."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
 import tempfile
+import time
+from typing import Callable
 
 import torch
 from torch.utils.data import Sampler
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLaVATrainer", "ModalityLengthGroupedSampler", "save_training_output"]
+__all__ = ["LLaVATrainer", "ModalityLengthGroupedSampler", "SaveEveryMinutesCallback", "save_training_output"]
 
 
 def _modality_grouped_indices(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
@@ -99,6 +103,44 @@ class LLaVATrainer(Trainer):
         super().log(logs, start_time)
 
 
+class SaveEveryMinutesCallback(TrainerCallback):
+    """Asks for a checkpoint at the end of the first optimizer step that finds ``minutes``
+    passed since the last save (any save, step-based ones included) or the start.
+
+    ``clock`` returns seconds (``time.monotonic``). Under several processes the ranks agree
+    (an all-reduce of one flag per step): a save is collective under DeepSpeed.
+    """
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds = minutes * 60
+        self.clock = clock
+        self.last_save = clock()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_save = self.clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = _on_any_rank(self.clock() - self.last_save >= self.seconds, args.device)
+        if due and not control.should_save:
+            logger.info("step %d: %.1f minutes since the last checkpoint: saving one", state.global_step,
+                        (self.clock() - self.last_save) / 60)
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last_save = self.clock()
+
+
+def _on_any_rank(flag: bool, device) -> bool:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    if torch.distributed.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _state_dict(trainer: Trainer) -> dict[str, torch.Tensor]:
     """The trained weights on the CPU, gathered from DeepSpeed ZeRO-3 shards if needed."""
     if trainer.is_deepspeed_enabled:
@@ -142,11 +184,11 @@ def save_training_output(trainer: Trainer, llava_model, tokenizer, mode: str) ->
                 if "mm_projector" in k and "original_module" not in k
             }
             torch.save(projector, os.path.join(scratch, "non_lora_trainables.bin"))
-            llava_model.config.save_pretrained(scratch)
+            _unquantised(llava_model.config).save_pretrained(scratch)
         elif mode == "projector":
             projector = {_plain_name(k): v for k, v in state.items() if "mm_projector" in k}
             torch.save(projector, os.path.join(scratch, "mm_projector.bin"))
-            llava_model.config.save_pretrained(scratch)
+            _unquantised(llava_model.config).save_pretrained(scratch)
         else:
             llava_model.save_pretrained(scratch, state_dict=state)
         tokenizer.save_pretrained(scratch)
@@ -154,6 +196,18 @@ def save_training_output(trainer: Trainer, llava_model, tokenizer, mode: str) ->
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     logger.info("saved the %s output to %s", mode, args.output_dir)
+
+
+def _unquantised(config):
+    """The config without the bitsandbytes settings of a QLoRA run: the adapter is loaded
+    (and merged) on the base in full precision."""
+    if getattr(config, "quantization_config", None) is None:
+        return config
+    config = copy.deepcopy(config)
+    for name in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, name):
+            delattr(config, name)
+    return config
 
 
 def _plain_name(key: str) -> str:

@@ -21,7 +21,11 @@
 #   GLOBAL_BATCH PER_DEVICE_BATCH                             128 16  (accumulation = global / (per device x GPUs))
 #   EPOCHS MAX_STEPS MAX_LENGTH WARMUP_RATIO                  1 -1 2048 0.03
 #   SAVE_STEPS SAVE_TOTAL_LIMIT LOGGING_STEPS REPORT_TO SEED  50000 1 1 none 42
-#   DEEPSPEED         ZeRO config (GPU runs)                  ./scripts/zero3.json
+#   DEEPSPEED         ZeRO config (GPU runs)                  ./scripts/zero3.json (zero2.json with BITS 4/8)
+#   BITS              4 | 8: QLoRA on a quantised LM          16 (no quantisation)
+#   ATTN_IMPLEMENTATION  eager | sdpa | flash_attention_2     sdpa
+#   SAVE_EVERY_MINUTES  a checkpoint this often as well (0: off)  30
+#   SKIP_BAD_SAMPLES  True: drop unusable samples, logged     False (stop, naming them)
 #   NUM_GPUS          GPUs to use (default: all visible)
 #   LAUNCHER          auto | deepspeed | python               auto: deepspeed with GPUs, python without
 #   NUM_WORKERS GRADIENT_CHECKPOINTING VERSION                4 True v1
@@ -59,7 +63,14 @@ SAVE_TOTAL_LIMIT="${SAVE_TOTAL_LIMIT:-1}"
 LOGGING_STEPS="${LOGGING_STEPS:-1}"
 REPORT_TO="${REPORT_TO:-none}"
 SEED="${SEED:-42}"
-DEEPSPEED="${DEEPSPEED:-./scripts/zero3.json}"
+BITS="${BITS:-16}"
+if [ "$BITS" = "4" ] || [ "$BITS" = "8" ]; then
+  DEEPSPEED="${DEEPSPEED:-./scripts/zero2.json}"  # bitsandbytes layers cannot be ZeRO-3 partitioned
+else
+  DEEPSPEED="${DEEPSPEED:-./scripts/zero3.json}"
+fi
+SAVE_EVERY_MINUTES="${SAVE_EVERY_MINUTES:-30}"
+SKIP_BAD_SAMPLES="${SKIP_BAD_SAMPLES:-False}"
 VERSION="${VERSION:-v1}"
 GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-True}"
 LAUNCHER="${LAUNCHER:-auto}"
@@ -91,6 +102,7 @@ OPTIONAL=()
 [ -n "${CURRICULUM_FACTORS:-}" ] && OPTIONAL+=(--curriculum_factors "$CURRICULUM_FACTORS")
 [ -n "${PHASE_FRACTIONS:-}" ] && OPTIONAL+=(--curriculum_phase_fractions "$PHASE_FRACTIONS")
 [ "$LAUNCHER" = "deepspeed" ] && OPTIONAL+=(--deepspeed "$DEEPSPEED")
+[ -n "${ATTN_IMPLEMENTATION:-}" ] && OPTIONAL+=(--attn_implementation "$ATTN_IMPLEMENTATION")
 
 ARGS=(
   --model_name_or_path "$MODEL_PATH"
@@ -110,6 +122,9 @@ ARGS=(
   --per_device_train_batch_size "$PER_DEVICE_BATCH"
   --gradient_accumulation_steps "$GRAD_ACCUM"
   --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit "$SAVE_TOTAL_LIMIT"
+  --save_every_minutes "$SAVE_EVERY_MINUTES"
+  --bits "$BITS"
+  --skip_bad_samples "$SKIP_BAD_SAMPLES"
   --learning_rate "$LR" --weight_decay 0. --warmup_ratio "$WARMUP_RATIO" --lr_scheduler_type cosine
   --logging_steps "$LOGGING_STEPS"
   --model_max_length "$MAX_LENGTH"

@@ -33,6 +33,7 @@ from adsc_patch import (
     PruningTrace,
     ScheduleError,
     compact_labels,
+    default_prune_layers,
     pruned_decoder_forward,
     solve_drop_ratio,
     vision_schedule,
@@ -270,8 +271,9 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
 
         Give ``drop_ratio`` or ``vision_token_budget`` (solved for ``prune_layers``), not
         both; with neither, a budget saved in the config is solved again for the (possibly
-        new) layers, else the saved ratio stays. ``prune_layers=[]`` or ``drop_ratio=0``
-        turns pruning off. Returns the ``VisionSchedule`` in effect (``None`` without a
+        new) layers, else the saved ratio stays. A ratio or budget without layers (none given,
+        none saved) uses ``default_prune_layers`` (2, 6, 12, 20 at 32 layers), as training
+        does, and logs it. ``prune_layers=[]`` or ``drop_ratio=0`` turns pruning off. Returns the ``VisionSchedule`` in effect (``None`` without a
         vision tower).
         """
         if drop_ratio is not None and vision_token_budget is not None:
@@ -282,6 +284,9 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             raise ScheduleError(f"prune selection {selection!r}: expected one of {SELECTIONS}")
         n_layers = self.config.num_hidden_layers
         n_tokens = tower.num_patches if tower is not None else 1
+        if prune_layers is None and not layers and (vision_token_budget is not None or (drop_ratio or 0) > 0):
+            layers = list(default_prune_layers(n_layers))
+            logger.info("no prune layers given or saved: using the default layers %s", layers)
         if drop_ratio is None and vision_token_budget is None and layers:
             vision_token_budget = self.config.vision_token_budget
         if vision_token_budget is not None:

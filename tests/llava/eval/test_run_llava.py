@@ -57,3 +57,20 @@ def test_pruning_flags_set_the_schedule_report_it_and_answer_as_the_uncached_loo
                            images=pixels, use_cache=False).logits
             tokens.append(int(logits[0, -1].argmax()))
     assert answer and answer == tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def test_upstream_eval_model_takes_upstreams_args_object(tiny_deep_dir, tmp_path, random_images, capsys):
+    from llava.eval.run_llava import eval_model
+    from llava.mm_utils import get_model_name_from_path
+
+    image = _image(tmp_path, random_images)
+    # exactly the object upstream's README builds (class attributes, no pruning or device fields)
+    args = type("Args", (), {
+        "model_path": tiny_deep_dir, "model_base": None, "model_name": get_model_name_from_path(tiny_deep_dir),
+        "query": "What is this?", "conv_mode": None, "image_file": image, "sep": ",", "temperature": 0,
+        "top_p": None, "num_beams": 1, "max_new_tokens": 6,
+    })()
+    answer = eval_model(args)
+    assert capsys.readouterr().out.splitlines()[-1] == answer
+    assert answer == main(["--model-path", tiny_deep_dir, "--image-file", image, "--query", "What is this?",
+                           "--temperature", "0", "--max_new_tokens", "6"])

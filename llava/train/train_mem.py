@@ -1,0 +1,38 @@
+"""Upstream's DeepSpeed entry point: ``deepspeed llava/train/train_mem.py <flags>`` (or
+``python llava/train/train_mem.py <flags>``), the flags of ``llava.train.train``.
+
+Upstream's train_mem trains with flash attention; this one does when flash-attn is installed
+and a CUDA GPU is present, and otherwise with sdpa (a log line says why). An explicit
+``--attn_implementation`` wins.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # run as a file: import llava from the repository, not from this folder
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _root = os.path.dirname(os.path.dirname(_here))
+    if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _here:
+        sys.path[0] = _root
+    else:  # python -P: no script folder on the path
+        sys.path.insert(0, _root)
+
+from llava.cli import run_command
+from llava.train.train import train
+
+
+def train_mem(argv: list[str] | None = None) -> str:
+    """``train`` preferring flash_attention_2; returns the output folder."""
+    return train(argv, attn_implementation="flash_attention_2")
+
+
+def main(argv: list[str] | None = None) -> str:
+    """The command line: bad input ends it with ``error: ...`` and exit code 2."""
+    return run_command(train_mem, argv)
+
+
+if __name__ == "__main__":
+    main()

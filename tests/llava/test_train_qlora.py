@@ -1,0 +1,100 @@
+"""QLoRA (``--bits 4/8``): LoRA on a bitsandbytes-quantised language model, the projector trained in
+full precision, the vision tower unquantised; bitsandbytes runs it on the CPU (slowly)."""
+
+import json
+import os
+
+import bitsandbytes as bnb  # a dev dependency: the QLoRA path is tested on the CPU
+import pytest
+import torch
+
+from llava.cli import InputError
+from llava.model.builder import load_pretrained_model
+from llava.tools.make_tiny_dataset import make_tiny_dataset
+from llava.train.train import run_training
+
+pytestmark = pytest.mark.compat  # meets transformers' quantisation and peft internals
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is as fast, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_data")
+    make_tiny_dataset(str(folder), samples=24, seed=0)
+    return str(folder)
+
+
+def _argv(out, model_dir, data_dir, *extra):
+    return [
+        "--model_name_or_path", model_dir, "--data_path", os.path.join(data_dir, "data.json"),
+        "--image_folder", data_dir, "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2", "--mm_projector_lr", "1e-2", "--lora_r", "8", "--lora_alpha", "16",
+        "--prune_layers", "1,3", "--vision_token_budget", "12", "--use_cpu", "True", "--report_to", "none",
+        "--save_strategy", "no", "--logging_steps", "1", *extra,
+    ]
+
+
+def _check_quantised(result, linear_class):
+    model = result.model
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, linear_class)  # LoRA wraps the quantised layer
+    for part in (model.model.mm_projector, model.get_vision_tower()):
+        assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in part.modules())
+    trainable = {n: p for n, p in result.trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "mm_projector.modules_to_save" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for n, p in trainable.items() if "mm_projector" in n)
+    assert not any(p.requires_grad for p in model.get_vision_tower().parameters())
+
+
+def _answers(out, base, random_images):
+    from llava.mm_utils import process_images
+    from tests.helpers import prompt_ids
+
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    tokenizer, model, processor, _ = load_pretrained_model(str(out), model_base=base, device="cpu")
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # merged on the full-precision base
+    pixels = process_images(random_images[:1], processor, model.config)
+    with torch.no_grad():
+        generated = model.generate(prompt_ids(tokenizer, "What color is the shape?")[None], images=pixels,
+                                   max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    assert generated.shape == (1, 3)
+
+
+def test_4bit_qlora_trains_and_its_output_loads_on_the_base(tmp_path, tiny_deep_dir, tiny_data, random_images):
+    out = tmp_path / "q4"
+    result = run_training(_argv(out, tiny_deep_dir, tiny_data, "--bits", "4", "--max_steps", "4"))
+    _check_quantised(result, bnb.nn.Linear4bit)
+    weight = result.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert weight.quant_state.quant_type == "nf4" and weight.quant_state.nested  # --quant_type, --double_quant
+    losses = json.loads((out / "adsc_training.json").read_text())["train_loss"]
+    assert len(losses) == 4 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5
+    _answers(out, tiny_deep_dir, random_images)
+
+
+def test_8bit_qlora_with_gradient_checkpointing(tmp_path, tiny_deep_dir, tiny_data, random_images):
+    out = tmp_path / "q8"
+    result = run_training(_argv(out, tiny_deep_dir, tiny_data, "--bits", "8", "--max_steps", "1",
+                                "--gradient_checkpointing", "True"))
+    _check_quantised(result, bnb.nn.Linear8bitLt)
+    assert result.model.model.gradient_checkpointing
+    assert len(json.loads((out / "adsc_training.json").read_text())["train_loss"]) == 1
+    _answers(out, tiny_deep_dir, random_images)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--bits", "4", "--finetune_mode", "full"],
+     "--bits 4 \\(QLoRA\\) .* cannot be combined with --finetune_mode full"),
+    (["--bits", "8", "--tune_mm_mlp_adapter", "True"], "cannot be combined with --tune_mm_mlp_adapter True"),
+    (["--bits", "2"], "--bits must be 4 or 8"),
+])
+def test_qlora_refuses_what_it_cannot_train(tmp_path, tiny_deep_dir, tiny_data, extra, message):
+    with pytest.raises(InputError, match=message):
+        run_training(_argv(tmp_path / "out", tiny_deep_dir, tiny_data, "--max_steps", "1", *extra))
