@@ -51,6 +51,25 @@ def random_images():
     return [Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")) for h, w in ((40, 50), (64, 30), (48, 48))]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is as fast, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """A tiny LLaVA training set (24 samples, ``data.json`` + images); modules may override it."""
+    from llava.tools.make_tiny_dataset import make_tiny_dataset
+
+    folder = tmp_path_factory.mktemp("tiny_data")
+    make_tiny_dataset(str(folder), samples=24, seed=0)
+    return str(folder)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from llava.cli import InputError
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -18,13 +17,7 @@ from llava.train.train import run_training
 IMAGE_TOKENS = 36  # the tiny tower: 6 x 6 patches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is as fast, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,30 +13,14 @@ from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState
 
 from llava.cli import InputError, MissingDependencyError
-from llava.tools.make_tiny_dataset import make_tiny_dataset
 from llava.train.data import DataError
 from llava.train.train import main, resolve_attention, run_training
 from llava.train.trainer import SaveEveryMinutesCallback
 
-pytestmark = pytest.mark.compat  # meets the Trainer's callbacks and checkpoints
+# compat: meets the Trainer's callbacks and checkpoints
+pytestmark = [pytest.mark.compat, pytest.mark.usefixtures("one_thread")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is as fast, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_data")
-    make_tiny_dataset(str(folder), samples=24, seed=0)
-    return str(folder)
 
 
 def _argv(out, model_dir, data_dir, *extra, steps="1"):

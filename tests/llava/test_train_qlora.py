@@ -10,26 +10,10 @@ import torch
 
 from llava.cli import InputError
 from llava.model.builder import load_pretrained_model
-from llava.tools.make_tiny_dataset import make_tiny_dataset
 from llava.train.train import run_training
 
-pytestmark = pytest.mark.compat  # meets transformers' quantisation and peft internals
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is as fast, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_data")
-    make_tiny_dataset(str(folder), samples=24, seed=0)
-    return str(folder)
+# compat: meets transformers' quantisation and peft internals
+pytestmark = [pytest.mark.compat, pytest.mark.usefixtures("one_thread")]
 
 
 def _argv(out, model_dir, data_dir, *extra):
