@@ -8,6 +8,7 @@ models we did not write (``patch``); transformers' version-dependent names live 
 
 from . import compat
 from .decoder import (
+    PRUNE_METHODS,
     AdscPlan,
     PrunedDecoderOutput,
     PruningTrace,
@@ -27,6 +28,7 @@ from .schedule import (
 from .select import keep_sets
 
 __all__ = [
+    "PRUNE_METHODS",
     "AdscPlan",
     "PrunedDecoderOutput",
     "PruningTrace",

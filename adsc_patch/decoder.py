@@ -37,11 +37,13 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import compat
+from .fastv import last_query_index, query_attention, top_k_per_image
 from .schedule import ScheduleError, VisionSchedule, vision_schedule
 from .select import SELECTIONS, keep_sets
 
 __all__ = [
     "AdscPlan",
+    "PRUNE_METHODS",
     "PrunedDecoderOutput",
     "PruningTrace",
     "PrefillState",
@@ -55,6 +57,11 @@ logger = logging.getLogger(__name__)
 
 ADSC_STATE_ATTR = "_adsc_prefill_state"
 
+# How the survivors of a prune layer are chosen. ``adsc``: by position (``selection``), the
+# same for every image; ``fastv``: by the attention of the last prompt token at the layer
+# before the (single) prune layer. Both share the schedule, loop, cache and trace.
+PRUNE_METHODS = ("adsc", "fastv")
+
 
 @dataclass(frozen=True)
 class AdscPlan:
@@ -67,6 +74,8 @@ class AdscPlan:
         tokens_per_image: vision tokens produced per image; consecutive vision tokens are
             split into images of this size. ``None``: every run of vision tokens is one image.
         grid: ``(height, width)`` patch grid of one image; ``None``: square if possible.
+        method: one of ``PRUNE_METHODS``; ``fastv`` takes exactly one prune layer ``K >= 1``
+            and ignores ``selection``.
     """
 
     prune_layers: tuple[int, ...] = ()
@@ -74,10 +83,18 @@ class AdscPlan:
     selection: str = "uniform_2d"
     tokens_per_image: int | None = None
     grid: tuple[int, int] | None = None
+    method: str = "adsc"
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise ScheduleError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
+        if self.method not in PRUNE_METHODS:
+            raise ScheduleError(f"unknown prune method {self.method!r}; expected one of {PRUNE_METHODS}")
+        if self.method == "fastv" and self.prune_layers and (len(self.prune_layers) != 1 or self.prune_layers[0] < 1):
+            raise ScheduleError(
+                f"prune method fastv drops once, at the input of one layer K >= 1 (it ranks by the attention "
+                f"of layer K-1); got prune layers {list(self.prune_layers)}"
+            )
         object.__setattr__(self, "prune_layers", tuple(self.prune_layers))
         if self.grid is not None:
             object.__setattr__(self, "grid", tuple(self.grid))
@@ -202,6 +219,21 @@ def _keep_masks(plan: AdscPlan, num_layers: int, vision_mask: torch.Tensor) -> l
             table = _stage_keep_table(plan, num_layers, length)
             keep[:, row, start : start + length] = table
     return list(keep.to(vision_mask.device).unbind(0))
+
+
+def _last_query_scores(decoder, layer, hidden, slot_mask, positions) -> torch.Tensor:
+    """``(B, T)``: attention of each row's last real slot in ``layer`` (whose input is ``hidden``)."""
+    with torch.no_grad():
+        position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
+        normed = layer.input_layernorm(hidden)
+        return query_attention(layer.self_attn, normed, position_embeddings, slot_mask, last_query_index(slot_mask))
+
+
+def _fastv_keep(plan: AdscPlan, num_layers: int, vision: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` over the input: text, and in each image the schedule's count of top-scored tokens."""
+    spans = image_spans(vision, plan.tokens_per_image)
+    counts = [[plan.schedule(num_layers, length).stage_tokens[1] for _, length in row] for row in spans]
+    return ~vision | top_k_per_image(scores, spans, counts)
 
 
 def _compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,8 +395,12 @@ def pruned_decoder_forward(
         if attention_mask is not None
         else torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
     )
-    if has_vision:
+    scored = plan.method == "fastv" and has_vision
+    if has_vision and not scored:
         keep_masks = _keep_masks(plan, num_layers, vision_mask.bool())
+        vision = vision_mask.bool()
+    elif scored:
+        keep_masks = []  # chosen at the prune layer from the attention scores
         vision = vision_mask.bool()
     else:
         keep_masks = [torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)] * len(plan.prune_layers)
@@ -378,6 +414,8 @@ def pruned_decoder_forward(
     tokens_per_layer = torch.zeros(batch, num_layers, dtype=torch.long)
     padded_lengths = [0] * num_layers
     for stage, (first, end) in enumerate(schedule_bounds):
+        if stage == 1 and scored:
+            keep_masks = [_fastv_keep(plan, num_layers, vision, scores)]
         if stage > 0:
             # Padding slots go too: only real, kept tokens move on.
             keep = keep_masks[stage - 1].gather(1, slot_index.clamp(min=0)) & slot_mask
@@ -391,7 +429,15 @@ def pruned_decoder_forward(
         kept_positions.append([slot_index[row][present[row]].cpu() for row in range(batch)])
         tokens_per_layer[:, first:end] = slot_mask.sum(1, keepdim=True).cpu()
         padded_lengths[first:end] = [hidden.shape[1]] * (end - first)
-        if end > first:
+        if stage == 0 and scored:
+            # FastV ranks with the attention inside the stage's last layer: run up to it,
+            # score from its input, then run it.
+            hidden = _run_stage(decoder, layers[first:end - 1], hidden, slot_mask, positions, cache,
+                                use_cache, first, True, kwargs)
+            scores = _last_query_scores(decoder, layers[end - 1], hidden, slot_mask, positions)
+            hidden = _run_stage(decoder, layers[end - 1:end], hidden, slot_mask, positions, cache,
+                                use_cache, end - 1, True, kwargs)
+        elif end > first:
             hidden = _run_stage(
                 decoder, layers[first:end], hidden, slot_mask, positions, cache,
                 use_cache, first, stage == 0, kwargs,

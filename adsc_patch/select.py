@@ -21,6 +21,11 @@ Two layouts:
     Evenly spaced over the token sequence: of ``n`` current survivors, the ones at
     ``floor((2i + 1) * n / (2k))`` for ``i < k``. For token sequences that are not a grid.
 
+``random``
+    A fixed random subset: one permutation of the ``N`` tokens drawn with a fixed seed
+    (``RANDOM_SEED``), each stage keeping its first ``k``. Identical for every image and
+    every run, nested like the others; the floor every selection rule must beat.
+
 ``keep_sets`` is the one entry point; it is cached, so it runs once per shape and schedule.
 """
 
@@ -32,9 +37,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["SELECTIONS", "keep_sets", "square_grid", "spread_indices"]
+__all__ = ["RANDOM_SEED", "SELECTIONS", "keep_sets", "square_grid", "spread_indices"]
 
-SELECTIONS = ("uniform_2d", "uniform_1d")
+SELECTIONS = ("uniform_2d", "uniform_1d", "random")
+RANDOM_SEED = 0
 
 
 def spread_indices(n: int, k: int) -> list[int]:
@@ -114,6 +120,11 @@ def _uniform_1d(num_tokens: int, counts: Sequence[int]) -> list[tuple[int, ...]]
     return sets
 
 
+def _random(num_tokens: int, counts: Sequence[int]) -> list[tuple[int, ...]]:
+    order = np.random.RandomState(RANDOM_SEED).permutation(num_tokens)
+    return [tuple(sorted(int(i) for i in order[:k])) for k in counts]
+
+
 @lru_cache(maxsize=512)
 def keep_sets(
     num_tokens: int,
@@ -126,7 +137,7 @@ def keep_sets(
     Args:
         num_tokens: vision tokens of the image before any pruning (``N``).
         counts: keep count after each prune layer, non-increasing, each in ``[1, N]``.
-        selection: ``"uniform_2d"`` or ``"uniform_1d"`` (see the module docstring).
+        selection: ``"uniform_2d"``, ``"uniform_1d"`` or ``"random"`` (see the module docstring).
         grid: ``(height, width)`` of the patch grid in row-major token order; ``None``
             means square if ``N`` is a perfect square. A 2-D selection on tokens that do
             not form a grid falls back to the 1-D layout.
@@ -142,6 +153,8 @@ def keep_sets(
         if not 1 <= k <= previous:
             raise ValueError(f"keep counts {counts} must be non-increasing within [1, {num_tokens}]")
         previous = k
+    if selection == "random":
+        return tuple(_random(num_tokens, counts))
     if selection == "uniform_2d":
         grid = grid or square_grid(num_tokens)
         if grid is not None and grid[0] * grid[1] != num_tokens:

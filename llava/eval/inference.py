@@ -299,6 +299,8 @@ def _settings(args, model, model_name, conv_mode, schedule, n_questions) -> dict
         "vision_token_budget": model.config.vision_token_budget,
         "selection": model.config.prune_selection,
     }
+    if model.config.prune_method != "adsc":  # absent for adsc: answer files of earlier releases resume
+        pruning["method"] = model.config.prune_method
     if schedule is not None:
         pruning.update(
             vision_tokens_per_stage=list(schedule.stage_tokens),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from adsc_patch import ScheduleError
+from adsc_patch import PRUNE_METHODS, ScheduleError
+from adsc_patch.select import SELECTIONS
 
 from ..cli import fail
 
@@ -27,7 +28,9 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
     ratio.add_argument("--drop-ratio", type=float, default=None, help="fraction dropped at every prune layer")
     ratio.add_argument("--vision-token-budget", type=float, default=None,
                        help="average vision tokens over all layers; the drop ratio is solved for it")
-    group.add_argument("--prune-selection", choices=["uniform_2d", "uniform_1d"], default=None)
+    group.add_argument("--prune-selection", choices=SELECTIONS, default=None)
+    group.add_argument("--prune-method", choices=PRUNE_METHODS, default=None,
+                       help="adsc (positional selection) or fastv (top attention of the last prompt token, one layer)")
     group.add_argument("--no-pruning", action="store_true", help="run on all vision tokens")
 
 
@@ -39,13 +42,15 @@ def apply_pruning_args(model, args: argparse.Namespace):
             schedule = model.configure_pruning(prune_layers=[], drop_ratio=0.0)
         elif any(
             value is not None
-            for value in (args.prune_layers, args.drop_ratio, args.vision_token_budget, args.prune_selection)
+            for value in (args.prune_layers, args.drop_ratio, args.vision_token_budget, args.prune_selection,
+                          getattr(args, "prune_method", None))
         ):
             schedule = model.configure_pruning(
                 prune_layers=args.prune_layers,
                 drop_ratio=args.drop_ratio,
                 vision_token_budget=args.vision_token_budget,
                 selection=args.prune_selection,
+                method=getattr(args, "prune_method", None),
             )
         else:
             schedule = model.vision_schedule() if model.get_vision_tower() is not None else None

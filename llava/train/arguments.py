@@ -106,7 +106,7 @@ class AdscArguments:
     vision_token_budget: float | None = field(
         default=None, metadata={"help": "target average vision tokens over all layers (e.g. 192 of 576)"}
     )
-    prune_selection: str = field(default="uniform_2d", metadata={"help": "uniform_2d or uniform_1d"})
+    prune_selection: str = field(default="uniform_2d", metadata={"help": "uniform_2d, uniform_1d or random"})
     curriculum: str = field(
         default="reverse",
         metadata={"help": "reverse (0.8,0.9,1.0), standard (1.2,1.1,1.0), direct, or none (train on all tokens)"},

@@ -85,4 +85,4 @@ def test_bad_counts_are_refused(counts):
 
 def test_unknown_selection_is_refused():
     with pytest.raises(ValueError, match="unknown selection"):
-        keep_sets(100, (10,), "random")
+        keep_sets(100, (10,), "saliency")  # "random" is a selection since the baselines

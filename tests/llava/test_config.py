@@ -16,7 +16,8 @@ from llava.model.builder import load_pretrained_model
         (dict(prune_layers=[4]), "out of range"),
         (dict(prune_layers=[1, 1]), "duplicates"),
         (dict(prune_layers=[1], drop_ratio=1.0), r"\[0, 1\)"),
-        (dict(prune_selection="random"), "prune_selection"),
+        (dict(prune_selection="saliency"), "prune_selection"),  # ("random" is a selection now)
+        (dict(prune_method="tome"), "prune_method"),
     ],
 )
 def test_bad_pruning_fields_are_refused_when_the_config_is_made(fields, message):

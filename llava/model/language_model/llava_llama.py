@@ -11,7 +11,9 @@ The ADSC hook is four config fields, saved in ``config.json``:
   image's ``N`` remaining vision tokens;
 * ``vision_token_budget``: the average vision tokens over all layers the ratio was solved
   for (informational once solved; a config with a budget and ratio 0 is solved on load);
-* ``prune_selection``: ``uniform_2d`` (spatial lattice, default) or ``uniform_1d``.
+* ``prune_selection``: ``uniform_2d`` (spatial lattice, default), ``uniform_1d`` or ``random``;
+* ``prune_method``: ``adsc`` (positional selection, default) or ``fastv`` (one prune layer
+  ``K``; the vision tokens the last prompt token attends to most at layer ``K-1`` survive).
 
 Empty ``prune_layers`` or ``drop_ratio == 0`` runs transformers' own ``LlamaModel.forward``.
 """
@@ -29,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from adsc_patch import (
+    PRUNE_METHODS,
     AdscPlan,
     PruningTrace,
     ScheduleError,
@@ -39,6 +42,7 @@ from adsc_patch import (
     vision_schedule,
 )
 from adsc_patch import compat
+from adsc_patch.fastv import DEFAULT_FASTV_LAYER
 from adsc_patch.select import SELECTIONS
 
 from ...constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -77,6 +81,7 @@ class LlavaConfig(LlamaConfig):
     drop_ratio: float | int = 0.0
     vision_token_budget: float | int | None = None
     prune_selection: str = "uniform_2d"
+    prune_method: str = "adsc"
 
     def __post_init__(self, **kwargs):
         if self.prune_layers is None:
@@ -89,6 +94,8 @@ class LlavaConfig(LlamaConfig):
         super().validate_architecture()
         if self.prune_selection not in SELECTIONS:
             raise ScheduleError(f"prune_selection {self.prune_selection!r}: expected one of {SELECTIONS}")
+        if self.prune_method not in PRUNE_METHODS:
+            raise ScheduleError(f"prune_method {self.prune_method!r}: expected one of {PRUNE_METHODS}")
         # Layer range and ratio; counts need the vision tower and are checked by the model.
         vision_schedule(self.num_hidden_layers, 1, self.prune_layers, 0.0)
         if not 0.0 <= self.drop_ratio < 1.0:
@@ -141,6 +148,7 @@ class LlavaLlamaModel(LlamaModel):
             selection=self.config.prune_selection,
             tokens_per_image=tower.num_patches if tower is not None else None,
             grid=grid,
+            method=self.config.prune_method,
         )
 
     def validate_pruning(self) -> None:
@@ -266,15 +274,19 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         drop_ratio: float | None = None,
         vision_token_budget: float | None = None,
         selection: str | None = None,
+        method: str | None = None,
     ):
-        """Set the ADSC schedule on the config (the one door used by training, eval and demo).
+        """Set the pruning schedule on the config (the one door used by training, eval and demo).
 
         Give ``drop_ratio`` or ``vision_token_budget`` (solved for ``prune_layers``), not
         both; with neither, a budget saved in the config is solved again for the (possibly
         new) layers, else the saved ratio stays. A ratio or budget without layers (none given,
         none saved) uses ``default_prune_layers`` (2, 6, 12, 20 at 32 layers), as training
-        does, and logs it. ``prune_layers=[]`` or ``drop_ratio=0`` turns pruning off. Returns the ``VisionSchedule`` in effect (``None`` without a
-        vision tower).
+        does, and logs it. ``prune_layers=[]`` or ``drop_ratio=0`` turns pruning off.
+        ``method`` (default: the saved ``prune_method``) is ``adsc`` or ``fastv``; ``fastv``
+        prunes at one layer ``K`` (default 2, FastV's), so without ``prune_layers`` a saved
+        multi-layer ADSC schedule gives way to ``[2]``. Returns the ``VisionSchedule`` in
+        effect (``None`` without a vision tower).
         """
         if drop_ratio is not None and vision_token_budget is not None:
             raise ScheduleError("give drop_ratio or vision_token_budget, not both")
@@ -282,23 +294,37 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         layers = list(self.config.prune_layers if prune_layers is None else prune_layers)
         if selection is not None and selection not in SELECTIONS:
             raise ScheduleError(f"prune selection {selection!r}: expected one of {SELECTIONS}")
+        method = method or self.config.prune_method
+        if method not in PRUNE_METHODS:
+            raise ScheduleError(f"unknown prune method {method!r}; known: {', '.join(PRUNE_METHODS)}")
         n_layers = self.config.num_hidden_layers
         n_tokens = tower.num_patches if tower is not None else 1
-        if prune_layers is None and not layers and (vision_token_budget is not None or (drop_ratio or 0) > 0):
+        asks_pruning = vision_token_budget is not None or (drop_ratio or 0) > 0
+        if method == "fastv" and prune_layers is None and len(layers) != 1 and (asks_pruning or layers):
+            layers = [DEFAULT_FASTV_LAYER]
+            logger.info("prune method fastv: pruning at layer %d (FastV's K)", DEFAULT_FASTV_LAYER)
+        elif prune_layers is None and not layers and asks_pruning:
             layers = list(default_prune_layers(n_layers))
             logger.info("no prune layers given or saved: using the default layers %s", layers)
+        if method == "fastv" and layers and (len(layers) != 1 or layers[0] < 1):
+            raise ScheduleError(f"prune method fastv drops once, at one layer K >= 1 (it ranks by layer K-1's "
+                                f"attention); got prune layers {layers}")
         if drop_ratio is None and vision_token_budget is None and layers:
             vision_token_budget = self.config.vision_token_budget
-        if vision_token_budget is not None:
-            schedule = solve_drop_ratio(n_layers, n_tokens, layers, vision_token_budget)
-        else:
-            ratio = self.config.drop_ratio if drop_ratio is None else drop_ratio
-            schedule = vision_schedule(n_layers, n_tokens, layers, ratio)
+        try:
+            if vision_token_budget is not None:
+                schedule = solve_drop_ratio(n_layers, n_tokens, layers, vision_token_budget)
+            else:
+                ratio = self.config.drop_ratio if drop_ratio is None else drop_ratio
+                schedule = vision_schedule(n_layers, n_tokens, layers, ratio)
+        except ScheduleError as error:
+            raise ScheduleError(f"prune method {method}: {error}") from None
         self.config.prune_layers = list(schedule.prune_layers)
         self.config.drop_ratio = schedule.drop_ratio
         self.config.vision_token_budget = vision_token_budget
         if selection is not None:
             self.config.prune_selection = selection
+        self.config.prune_method = method
         return schedule if tower is not None else None
 
     def vision_schedule(self):

@@ -254,3 +254,12 @@ def test_quantised_language_model_answers_close_to_full_precision(tiny_deep_dir,
                                       tmp_path / "a.jsonl", f"--load-{bits}bit"))
     assert len(read_jsonl(out)) == 4
     assert json.loads(open(out + ".settings.json").read())["quantization"] == f"{bits}bit"
+
+
+def test_prune_method_flag_reaches_the_model_and_the_settings(tiny_deep_dir, bench, tmp_path):
+    _, qfile = _questions(bench, tmp_path)
+    out = model_vqa_loader.main(_args(tiny_deep_dir, qfile, f"{bench}/pope/val2014", tmp_path / "a.jsonl",
+                                      "--prune-method", "fastv", "--vision-token-budget", "12"))
+    pruning = json.loads(open(out + ".settings.json").read())["pruning"]
+    assert pruning["method"] == "fastv" and pruning["prune_layers"] == [2]
+    assert abs(pruning["average_vision_tokens"] - 12) <= 1 and len(read_jsonl(out)) == 4
