@@ -19,15 +19,9 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and not __package__:
-    # ``python llava/train/train.py``: import llava from the repository, not from this folder
-    # (whose data.py, trainer.py, ... would shadow top-level modules of the same names).
-    _here = os.path.dirname(os.path.abspath(__file__))
-    _root = os.path.dirname(os.path.dirname(_here))
-    if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _here:
-        sys.path[0] = _root
-    else:  # python -P: no script folder on the path
-        sys.path.insert(0, _root)
+if __name__ == "__main__" and not __package__:  # run as a file: see _run_as_file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
+    import _run_as_file  # noqa: F401
 
 import importlib.util
 import json
