@@ -27,18 +27,36 @@ class ImageLoadError(InputError):
     """An image file that is missing or cannot be decoded."""
 
 
-def check_image(path: str | os.PathLike) -> None:
-    """Raise ``ImageLoadError`` unless ``path`` is an image file whose structure is intact
-    (``PIL.Image.verify``: headers and, for PNG, every chunk's checksum; no full decode, so a
-    cut JPEG can still pass and fail later in ``load_image``)."""
+_JPEG_END = b"\xff\xd9"
+
+
+def check_image(path: str | os.PathLike, decode_cut_jpeg: bool = False) -> None:
+    """Raise ``ImageLoadError`` unless ``path`` is an image file whose structure is intact.
+
+    Cheap: ``PIL.Image.verify`` reads the header and, for PNG, every chunk's checksum (a cut
+    PNG fails); there is no full decode, so a cut JPEG passes and fails later in
+    ``load_image``. ``decode_cut_jpeg`` also decodes a JPEG whose end marker is missing from
+    its last kilobyte (a cut one then fails; one with trailing bytes still passes). The
+    ``ImageLoadError`` of an undecodable file carries PIL's error as ``__cause__``.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ImageLoadError(f"image file not found: {path}")
     try:
         with Image.open(path) as image:
+            kind = image.format
             image.verify()
+        if decode_cut_jpeg and kind == "JPEG" and not _ends_like_jpeg(path):
+            with Image.open(path) as image:
+                image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"not a readable image: {path} ({error})") from error
+
+
+def _ends_like_jpeg(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 1024))
+        return _JPEG_END in f.read()
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -32,7 +31,7 @@ from ..constants import (
     DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX,
 )
 from ..conversation import get_conv_template
-from ..mm_utils import load_image, process_images, tokenizer_image_token_with_offsets
+from ..mm_utils import ImageLoadError, check_image, load_image, process_images, tokenizer_image_token_with_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,6 @@ __all__ = ["DataError", "LengthCheck", "DataCheck", "load_records", "image_probl
 TRAINABLE_TEMPLATES = ("v1", "vicuna_v1", "llava_v1", "plain")
 _ROLES = ("human", "gpt")
 MAX_REPORTED = 10  # bad samples collected before the check stops and raises
-_JPEG_END = b"\xff\xd9"
 
 
 class DataError(InputError):
@@ -97,30 +95,16 @@ def _check_record(record: Any, index: int) -> None:
 
 
 def image_problem(path: str) -> str | None:
-    """Why the image at ``path`` cannot be used, or None.
-
-    Cheap: ``Image.open`` reads the header and ``verify()`` walks a PNG's chunks and
-    checksums (a truncated PNG fails); a JPEG is decoded only when its end marker is missing
-    from its last kilobyte (a truncated JPEG fails, one with trailing bytes passes).
-    """
-    if not os.path.isfile(path):
-        return f"image file not found: {path}"
+    """Why the image at ``path`` cannot be used, or None (``check_image`` with cut JPEGs
+    decoded: a truncated PNG or JPEG fails, one with trailing bytes passes)."""
     try:
-        with Image.open(path) as image:
-            kind = image.format
-            image.verify()
-        if kind == "JPEG" and not _ends_like_jpeg(path):
-            with Image.open(path) as image:
-                image.load()
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        return f"image cannot be decoded: {path} ({type(error).__name__}: {error})"
+        check_image(path, decode_cut_jpeg=True)
+    except ImageLoadError as error:
+        cause = error.__cause__
+        if cause is None:
+            return str(error)  # image file not found: ...
+        return f"image cannot be decoded: {path} ({type(cause).__name__}: {cause})"
     return None
-
-
-def _ends_like_jpeg(path: str) -> bool:
-    with open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - 1024))
-        return _JPEG_END in f.read()
 
 
 def splice_problem(ids: Sequence[int], labels: Sequence[int], max_length: int | None, image_tokens: int) -> str | None:
