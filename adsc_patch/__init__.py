@@ -1,6 +1,8 @@
 """ADSC: attention-driven self-compression of vision tokens inside a decoder-only LLM.
 
-The method as small pure pieces (``schedule``, ``select``), the pruned decoder loop
+The method and its baselines as small pure pieces (``schedule``, ``select``, ``scores``,
+``fastv``, ``pdrop``, ``tome``, ``visionzip``, ``pool``; ``methods`` names them all), the
+pre-LLM door (``prellm``), the pruned decoder loop
 (``decoder``), cache accounting (``cache``), analytic cost (``profile``) and the patch for
 models we did not write (``patch``); transformers' version-dependent names live in
 ``compat`` (checked at import). Nothing here imports ``llava``.
@@ -8,7 +10,6 @@ models we did not write (``patch``); transformers' version-dependent names live 
 
 from . import compat
 from .decoder import (
-    PRUNE_METHODS,
     AdscPlan,
     PrunedDecoderOutput,
     PruningTrace,
@@ -16,7 +17,10 @@ from .decoder import (
     image_spans,
     pruned_decoder_forward,
 )
+from .methods import IN_LLM_METHODS, PRE_LLM_METHODS, PRUNE_METHODS
 from .patch import apply_adsc, last_trace, remove_adsc
+from .prellm import PreLlmPlan, pre_llm_schedule, reduce_images, solve_pre_llm
+from .reduction import VisionReduction
 from .schedule import (
     ScheduleError,
     VisionSchedule,
@@ -28,7 +32,11 @@ from .schedule import (
 from .select import keep_sets
 
 __all__ = [
+    "IN_LLM_METHODS",
+    "PRE_LLM_METHODS",
     "PRUNE_METHODS",
+    "PreLlmPlan",
+    "VisionReduction",
     "AdscPlan",
     "PrunedDecoderOutput",
     "PruningTrace",
@@ -41,8 +49,11 @@ __all__ = [
     "keep_sets",
     "kept_tokens",
     "last_trace",
+    "pre_llm_schedule",
     "pruned_decoder_forward",
+    "reduce_images",
     "remove_adsc",
     "solve_drop_ratio",
+    "solve_pre_llm",
     "vision_schedule",
 ]

@@ -45,7 +45,9 @@ __all__ = [
     "TESTED_RANGE_TEXT",
     "TransformersLayout",
     "TransformersLayoutError",
+    "ClipVisionParts",
     "cache_kwargs",
+    "clip_vision_parts",
     "output_cache",
     "output_cache_kwargs",
     "read_installed_layout",
@@ -192,3 +194,48 @@ def output_cache_kwargs(cache: Cache | None) -> dict[str, Cache | None]:
 def output_cache(output) -> Cache | None:
     """The cache an output of transformers (or ours) carries."""
     return getattr(output, OUTPUT_CACHE_FIELD, None)
+
+
+# ---------------------------------------------------------------------------- vision tower
+# The pre-LLM methods (tome, visionzip) run transformers' CLIP vision encoder layer by
+# layer. These are the parts they touch; a release that moves them fails here, by name.
+CLIP_LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+CLIP_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scale")
+
+
+@dataclass(frozen=True)
+class ClipVisionParts:
+    """The pieces of a ``CLIPVisionModel`` (or ``CLIPVisionTransformer``) a merging method runs.
+
+    ``embeddings(pixel_values)`` -> ``(n, 1 + N, D)`` (CLS first); ``pre_layernorm`` is applied
+    next; ``layers[i]`` has ``layer_norm1``, ``self_attn`` (``q_proj``, ``k_proj``, ``v_proj``,
+    ``out_proj``, ``head_dim``, ``scale``; called as ``self_attn(hidden_states=...,
+    attention_mask=...)`` with an additive float mask ``(n, 1, T, T)``, returning
+    ``(output, weights)``), ``layer_norm2`` and ``mlp``. Hidden state ``i`` of the model's
+    ``output_hidden_states`` is the input of ``layers[i]``.
+    """
+
+    embeddings: Any
+    pre_layernorm: Any
+    layers: Any
+
+
+def clip_vision_parts(model) -> ClipVisionParts:
+    """The runnable parts of a transformers CLIP vision model; raises ``TransformersLayoutError``
+    naming the missing attribute when the installed release lays them out differently."""
+    vision = getattr(model, "vision_model", model)
+    missing = [name for name in ("embeddings", "pre_layrnorm", "encoder") if not hasattr(vision, name)]
+    layers = getattr(getattr(vision, "encoder", None), "layers", None)
+    if layers is None:
+        missing.append("encoder.layers")
+    else:
+        for layer in layers[:1]:
+            missing += [f"layers[0].{p}" for p in CLIP_LAYER_PARTS if not hasattr(layer, p)]
+            attention = getattr(layer, "self_attn", None)
+            missing += [f"layers[0].self_attn.{p}" for p in CLIP_ATTENTION_PARTS if not hasattr(attention, p)]
+    if missing:
+        raise TransformersLayoutError(
+            f"transformers {transformers.__version__}: {type(model).__name__} lacks {', '.join(missing)}; "
+            f"the vision-tower merging methods (tome, visionzip) are tested with transformers {TESTED_RANGE_TEXT}"
+        )
+    return ClipVisionParts(vision.embeddings, vision.pre_layrnorm, vision.encoder.layers)

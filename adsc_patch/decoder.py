@@ -5,7 +5,10 @@ decoder with ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` and ``config
 Vicuna, Mistral-style models in transformers 5). It runs the layers in *stages*: stage 0 is
 layers ``[0, p1)``, stage ``s`` is ``[p_s, p_{s+1})``; before each stage the vision tokens
 not kept by the schedule are removed from the hidden states, so later layers compute on,
-and cache, fewer tokens.
+and cache, fewer tokens. The plan's method decides which survive: ``adsc`` by position (a
+table per image shape), ``fastv`` and ``pdrop`` by one attention row of a query token at the
+layer ``methods.SCORE_LAYER`` names, computed from that layer's own projections; the
+schedule (how many per image and stage), the loop, the cache and the trace are shared.
 
 Token layout inside a stage (``B`` rows, ``T_s`` slots):
 
@@ -37,7 +40,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import compat
-from .fastv import last_query_index, query_attention, top_k_per_image
+from .methods import IN_LLM_METHODS, PRE_LLM_METHODS, PRUNE_METHODS, SCORE_LAYER
+from .scores import last_query_mask, query_attention, top_k_per_image
 from .schedule import ScheduleError, VisionSchedule, vision_schedule
 from .select import SELECTIONS, keep_sets
 
@@ -57,12 +61,6 @@ logger = logging.getLogger(__name__)
 
 ADSC_STATE_ATTR = "_adsc_prefill_state"
 
-# How the survivors of a prune layer are chosen. ``adsc``: by position (``selection``), the
-# same for every image; ``fastv``: by the attention of the last prompt token at the layer
-# before the (single) prune layer. Both share the schedule, loop, cache and trace.
-PRUNE_METHODS = ("adsc", "fastv")
-
-
 @dataclass(frozen=True)
 class AdscPlan:
     """What to prune: the config hook, independent of any model class.
@@ -74,8 +72,9 @@ class AdscPlan:
         tokens_per_image: vision tokens produced per image; consecutive vision tokens are
             split into images of this size. ``None``: every run of vision tokens is one image.
         grid: ``(height, width)`` patch grid of one image; ``None``: square if possible.
-        method: one of ``PRUNE_METHODS``; ``fastv`` takes exactly one prune layer ``K >= 1``
-            and ignores ``selection``.
+        method: one of ``methods.IN_LLM_METHODS``: ``adsc`` (positional, ``selection``),
+            ``fastv`` (exactly one prune layer ``K >= 1``) or ``pdrop``; the score-based two
+            ignore ``selection``.
     """
 
     prune_layers: tuple[int, ...] = ()
@@ -88,8 +87,11 @@ class AdscPlan:
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise ScheduleError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
-        if self.method not in PRUNE_METHODS:
-            raise ScheduleError(f"unknown prune method {self.method!r}; expected one of {PRUNE_METHODS}")
+        if self.method in PRE_LLM_METHODS:
+            raise ScheduleError(f"prune method {self.method} acts on the vision tower's features before the "
+                                "language model, not in the decoder loop")
+        if self.method not in IN_LLM_METHODS:
+            raise ScheduleError(f"unknown prune method {self.method!r}; known: {', '.join(PRUNE_METHODS)}")
         if self.method == "fastv" and self.prune_layers and (len(self.prune_layers) != 1 or self.prune_layers[0] < 1):
             raise ScheduleError(
                 f"prune method fastv drops once, at the input of one layer K >= 1 (it ranks by the attention "
@@ -120,6 +122,9 @@ class PruningTrace:
         padded_length_per_layer: slots each layer ran on (the tensor length).
         token_positions: ``(batch, T_last)`` input position of every slot after the last
             stage, ``-1`` for padding slots.
+        merge_groups: pre-LLM methods only (``prune_layers`` empty, one stage): ``(images,
+            N)`` the vision token each original patch of each image (in batch order) went
+            into, ``-1`` if dropped (``reduction.VisionReduction.groups``).
     """
 
     prune_layers: tuple[int, ...]
@@ -127,6 +132,7 @@ class PruningTrace:
     tokens_per_layer: torch.Tensor
     padded_length_per_layer: list[int]
     token_positions: torch.Tensor
+    merge_groups: torch.Tensor | None = None
 
     def kept_at(self, prune_layer: int) -> list[torch.Tensor]:
         """Per row, positions of the vision tokens that enter ``prune_layer``."""
@@ -221,19 +227,39 @@ def _keep_masks(plan: AdscPlan, num_layers: int, vision_mask: torch.Tensor) -> l
     return list(keep.to(vision_mask.device).unbind(0))
 
 
-def _last_query_scores(decoder, layer, hidden, slot_mask, positions) -> torch.Tensor:
-    """``(B, T)``: attention of each row's last real slot in ``layer`` (whose input is ``hidden``)."""
+def _query_scores(decoder, layer, hidden, slot_mask, positions, query_slots) -> torch.Tensor:
+    """``(B, T)``: attention of each row's query slots in ``layer`` (whose input is ``hidden``)."""
     with torch.no_grad():
         position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
         normed = layer.input_layernorm(hidden)
-        return query_attention(layer.self_attn, normed, position_embeddings, slot_mask, last_query_index(slot_mask))
+        return query_attention(layer.self_attn, normed, position_embeddings, slot_mask, query_slots)
 
 
-def _fastv_keep(plan: AdscPlan, num_layers: int, vision: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` over the input: text, and in each image the schedule's count of top-scored tokens."""
-    spans = image_spans(vision, plan.tokens_per_image)
-    counts = [[plan.schedule(num_layers, length).stage_tokens[1] for _, length in row] for row in spans]
-    return ~vision | top_k_per_image(scores, spans, counts)
+def _query_slots(query_mask, slot_index, slot_mask) -> torch.Tensor:
+    """``(B, T)`` bool query slots: the given input positions still present, else (and for rows
+    with none) each row's last real slot."""
+    last = last_query_mask(slot_mask)
+    if query_mask is None:
+        return last
+    queries = query_mask.bool().gather(1, slot_index.clamp(min=0)) & slot_mask & (slot_index >= 0)
+    empty = ~queries.any(1, keepdim=True)
+    return queries | (last & empty)
+
+
+def _scored_keep(plan, num_layers, spans, stage, scores, slot_index, input_length) -> torch.Tensor:
+    """``(B, T_in)`` over the input: text, and in each image the stage's count of its
+    top-scored tokens among those still present (slot scores mapped back to input positions)."""
+    batch = scores.shape[0]
+    by_input = torch.full((batch, input_length + 1), float("-inf"), device=scores.device)
+    by_input.scatter_(1, slot_index + 1, scores.masked_fill(slot_index < 0, float("-inf")))
+    by_input = by_input[:, 1:]
+    counts = [[plan.schedule(num_layers, length).stage_tokens[stage] for _, length in row] for row in spans]
+    keep = top_k_per_image(by_input, spans, counts)
+    in_image = torch.zeros_like(keep)
+    for row, row_spans in enumerate(spans):
+        for start, length in row_spans:
+            in_image[row, start:start + length] = True
+    return ~in_image | keep
 
 
 def _compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,6 +353,7 @@ def pruned_decoder_forward(
     inputs_embeds: torch.FloatTensor | None = None,
     use_cache: bool | None = None,
     vision_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> PrunedDecoderOutput:
     """Forward of a Llama-style ``decoder`` that drops vision tokens per ``plan``.
@@ -343,6 +370,9 @@ def pruned_decoder_forward(
             forward never builds one, and gradient-checkpointed training drops a given one.
         vision_mask: ``(B, T)`` bool, True at vision tokens of this input. Only a prefill
             (empty or no cache) may carry vision tokens.
+        query_mask: ``(B, T)`` bool, the tokens whose attention ranks vision tokens for the
+            score-based methods (training: ``scores.answer_query_mask(labels)``); ``None``:
+            each row's last real token (the last prompt token at inference).
 
     Returns:
         ``PrunedDecoderOutput``: hidden states of the last stage's slots (``B, T_out, D``)
@@ -395,16 +425,15 @@ def pruned_decoder_forward(
         if attention_mask is not None
         else torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
     )
-    scored = plan.method == "fastv" and has_vision
-    if has_vision and not scored:
+    score_layer = SCORE_LAYER.get(plan.method) if has_vision else None
+    if has_vision and score_layer is None:
         keep_masks = _keep_masks(plan, num_layers, vision_mask.bool())
-        vision = vision_mask.bool()
-    elif scored:
-        keep_masks = []  # chosen at the prune layer from the attention scores
-        vision = vision_mask.bool()
     else:
+        # positional: nothing to drop without vision; score-based: chosen at each prune layer
         keep_masks = [torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)] * len(plan.prune_layers)
-        vision = torch.zeros(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+    no_vision = torch.zeros(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+    vision = vision_mask.bool() if has_vision else no_vision
+    spans = image_spans(vision, plan.tokens_per_image) if score_layer is not None else None
 
     hidden = inputs_embeds
     positions = position_ids
@@ -413,10 +442,19 @@ def pruned_decoder_forward(
     kept_positions: list[list[torch.Tensor]] = []
     tokens_per_layer = torch.zeros(batch, num_layers, dtype=torch.long)
     padded_lengths = [0] * num_layers
+
+    def score(layer_idx: int) -> torch.Tensor:
+        queries = _query_slots(query_mask, slot_index, slot_mask)
+        return _query_scores(decoder, layers[layer_idx], hidden, slot_mask, positions, queries)
+
+    scores = None
     for stage, (first, end) in enumerate(schedule_bounds):
-        if stage == 1 and scored:
-            keep_masks = [_fastv_keep(plan, num_layers, vision, scores)]
         if stage > 0:
+            if score_layer is not None:
+                if scores is None:  # ranked by the prune layer itself, from its input
+                    scores = score(first)
+                keep_masks[stage - 1] = _scored_keep(plan, num_layers, spans, stage, scores, slot_index, length)
+                scores = None
             # Padding slots go too: only real, kept tokens move on.
             keep = keep_masks[stage - 1].gather(1, slot_index.clamp(min=0)) & slot_mask
             src, valid = _compaction_index(keep)
@@ -429,19 +467,17 @@ def pruned_decoder_forward(
         kept_positions.append([slot_index[row][present[row]].cpu() for row in range(batch)])
         tokens_per_layer[:, first:end] = slot_mask.sum(1, keepdim=True).cpu()
         padded_lengths[first:end] = [hidden.shape[1]] * (end - first)
-        if stage == 0 and scored:
-            # FastV ranks with the attention inside the stage's last layer: run up to it,
-            # score from its input, then run it.
-            hidden = _run_stage(decoder, layers[first:end - 1], hidden, slot_mask, positions, cache,
-                                use_cache, first, True, kwargs)
-            scores = _last_query_scores(decoder, layers[end - 1], hidden, slot_mask, positions)
-            hidden = _run_stage(decoder, layers[end - 1:end], hidden, slot_mask, positions, cache,
-                                use_cache, end - 1, True, kwargs)
-        elif end > first:
-            hidden = _run_stage(
-                decoder, layers[first:end], hidden, slot_mask, positions, cache,
-                use_cache, first, stage == 0, kwargs,
-            )
+        split = end
+        if score_layer is not None and stage < len(plan.prune_layers):
+            ranked_by = score_layer(plan.prune_layers[stage])
+            if first <= ranked_by < end:  # ranked inside this stage (FastV: layer K-1)
+                split = ranked_by
+        hidden = _run_stage(decoder, layers[first:split], hidden, slot_mask, positions, cache,
+                            use_cache, first, stage == 0, kwargs)
+        if split < end:
+            scores = score(split)
+            hidden = _run_stage(decoder, layers[split:end], hidden, slot_mask, positions, cache,
+                                use_cache, split, stage == 0, kwargs)
     hidden = decoder.norm(hidden)
 
     if cache is not None and use_cache:

@@ -26,6 +26,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import compat
 from .decoder import AdscPlan, PruningTrace, compact_labels, pruned_decoder_forward
+from .methods import IN_LLM_METHODS, PRUNE_METHODS
+from .scores import answer_query_mask
 from .schedule import ScheduleError, VisionSchedule, solve_drop_ratio, vision_schedule
 
 __all__ = ["apply_adsc", "remove_adsc", "last_trace"]
@@ -71,10 +73,14 @@ def apply_adsc(
     drop_ratio: float | None = None,
     vision_token_budget: float | None = None,
     selection: str = "uniform_2d",
+    method: str = "adsc",
 ) -> VisionSchedule:
     """Prune vision tokens at ``prune_layers`` with ``drop_ratio`` (or the ratio meeting
-    ``vision_token_budget`` average tokens). Returns the schedule for one image; a bad
-    request raises ``ScheduleError`` before the model is touched."""
+    ``vision_token_budget`` average tokens) by ``method``. Returns the schedule for one
+    image; a bad request raises ``ScheduleError`` before the model is touched.
+
+    llava-hf models take the in-decoder methods (``adsc``, ``fastv``, ``pdrop``); models with
+    the config hook take every method."""
     if hasattr(model, "configure_pruning"):
         if (drop_ratio is None) == (vision_token_budget is None):
             raise ScheduleError("give exactly one of drop_ratio or vision_token_budget")
@@ -83,14 +89,23 @@ def apply_adsc(
             drop_ratio=drop_ratio,
             vision_token_budget=vision_token_budget,
             selection=selection,
+            method=method,
         )
+    if method not in IN_LLM_METHODS:
+        known = ", ".join(IN_LLM_METHODS)
+        raise ScheduleError(f"prune method {method!r}: the llava-hf patch runs the in-decoder methods ({known})"
+                            if method in PRUNE_METHODS else f"unknown prune method {method!r}; known: "
+                            f"{', '.join(PRUNE_METHODS)}")
     top, llava_model, language_model = _hf_parts(model)
     config = llava_model.config
     num_tokens, grid = _hf_tokens_per_image(config)
-    schedule = _resolve_schedule(
-        config.text_config.num_hidden_layers, num_tokens, prune_layers, drop_ratio, vision_token_budget
-    )
-    plan = AdscPlan(schedule.prune_layers, schedule.drop_ratio, selection, num_tokens, grid)
+    try:
+        schedule = _resolve_schedule(
+            config.text_config.num_hidden_layers, num_tokens, prune_layers, drop_ratio, vision_token_budget
+        )
+        plan = AdscPlan(schedule.prune_layers, schedule.drop_ratio, selection, num_tokens, grid, method)
+    except ScheduleError as error:
+        raise ScheduleError(f"prune method {method}: {error}") from None
     setattr(language_model, _PLAN_ATTR, plan)
     _install(language_model, _language_model_forward)
     _install(llava_model, _llava_model_forward)
@@ -133,7 +148,7 @@ def last_trace(model) -> PruningTrace | None:
 
 
 def _language_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                            use_cache=None, adsc_vision_mask=None, **kwargs):
+                            use_cache=None, adsc_vision_mask=None, adsc_query_mask=None, **kwargs):
     plan: AdscPlan = getattr(self, _PLAN_ATTR)
     cache = compat.take_cache(kwargs, where="the language model's forward")
     compat.reject_stray_cache(kwargs, "the language model's forward")
@@ -144,7 +159,8 @@ def _language_model_forward(self, input_ids=None, attention_mask=None, position_
         )
     outputs = pruned_decoder_forward(
         self, plan, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, vision_mask=adsc_vision_mask, **kwargs,
+        cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, vision_mask=adsc_vision_mask,
+        query_mask=adsc_query_mask, **kwargs,
     )
     setattr(self, _POSITIONS_ATTR, outputs.token_positions)
     # transformers' LlavaModel builds its own output from every field of this one: only
@@ -177,6 +193,9 @@ def _llava_model_forward(self, input_ids=None, pixel_values=None, attention_mask
 
 
 def _top_forward(self, *args, labels=None, **kwargs):
+    if labels is not None and getattr(self.model.language_model, _PLAN_ATTR).method != "adsc":
+        # score-based methods rank with the token before each answer in training
+        kwargs["adsc_query_mask"] = answer_query_mask(labels, _IGNORE_INDEX)
     outputs = type(self).forward(self, *args, **kwargs)
     positions = getattr(self.model.language_model, _POSITIONS_ATTR, None)
     if labels is not None:

@@ -121,6 +121,9 @@ class VisionSchedule:
         return tuple(zip(starts, ends))
 
     def describe(self) -> str:
+        if self.prune_layers == (0,):  # dropped (or merged) before the language model
+            return (f"{self.num_vision_tokens} -> {self.stage_tokens[-1]} vision tokens before the language model, "
+                    f"the same in all {self.num_layers} layers")
         counts = " -> ".join(str(c) for c in self.stage_tokens)
         return (
             f"prune layers {list(self.prune_layers)}, drop ratio {self.drop_ratio:.4f}: "
@@ -230,9 +233,10 @@ def solve_drop_ratio(
         first = layers[0]
         raise ScheduleError(
             f"vision token budget {budget} is below what prune layers {list(layers)} allow "
-            f"with {num_layers} layers and {num_vision_tokens} tokens (lowest reachable average "
-            f"{lowest:.2f}: the {first} layer(s) before layer {first} always see all tokens and "
-            "every stage must keep at least one); prune earlier or with fewer stages"
+            f"with {num_layers} layers and {num_vision_tokens} tokens (reachable averages {lowest:.2f}.."
+            f"{num_vision_tokens}; lowest reachable average {lowest:.2f}: the {first} layer(s) before layer "
+            f"{first} always see all tokens and every stage must keep at least one); prune earlier or with "
+            "fewer stages"
         )
     target = Fraction(budget).limit_denominator(10**6)
 

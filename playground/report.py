@@ -75,9 +75,15 @@ def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
             from llava.model import LlavaConfig
 
             saved = LlavaConfig.from_pretrained(setting.path)
-            model.configure_pruning(prune_layers=saved.prune_layers, drop_ratio=saved.drop_ratio)
+            if saved.prune_layers or saved.vision_token_budget is None:
+                model.configure_pruning(prune_layers=saved.prune_layers, drop_ratio=saved.drop_ratio,
+                                        method=saved.prune_method, selection=saved.prune_selection)
+            else:  # a pre-LLM method: its budget
+                model.configure_pruning(prune_layers=[], vision_token_budget=saved.vision_token_budget,
+                                        method=saved.prune_method)
         schedule = model.vision_schedule()
-        key = (schedule.prune_layers, schedule.drop_ratio) if schedule.enabled else ()
+        key = ((model.config.prune_method, model.config.prune_selection, schedule.prune_layers, schedule.stage_tokens)
+               if schedule.enabled else ())
         if key not in prefill_ms:
             prefill_ms[key] = _prefill_ms(model, input_ids, mask, pixels)
         cost = generation_cost(shape, text_tokens, ANSWER_TOKENS, schedule=schedule if schedule.enabled else None,
@@ -233,25 +239,39 @@ def write_report(run_dir: str, settings: dict, results: dict, cost: dict, config
             chosen = [r for r in ablations if r["ablation"] == table]
             lines += ["", f"## {title} at budget {budget} (Table {number} analog)", "",
                       *_accuracy_table(reference[:1] + chosen + reference[1:])]
+    finetuned = [r for r in merged if r["ablation"] == "baselines"]
+    if finetuned:
+        budget = finetuned[0]["budget"]
+        by_name = {r["setting"]: r for r in merged}
+        pairs = []
+        for r in finetuned:
+            baseline = r["setting"].split("-ft-")[0]
+            pairs += [by_name[n] for n in (f"{baseline}-{budget}",) if n in by_name] + [r]
+        adsc = [by_name[n] for n in (f"training-free-{budget}", f"adsc-{budget}") if n in by_name]
+        lines += ["", f"## Selection rule vs. fine-tuning at budget {budget}", "",
+                  "Every baseline fine-tuned with ADSC's exact recipe (LoRA + projector, reverse curriculum, same "
+                  "steps and seed), beside its training-free row and ADSC's.", "",
+                  *_accuracy_table([by_name["full"]] + adsc + pairs)]
     lines += ["", "## Compute and memory (Table IV analog)", "",
               *_efficiency_table(cost, [r["setting"] for r in merged])]
     markdown = "\n".join(lines) + "\n"
     summary = {"rows": rows, "merged_rows": merged, "efficiency": cost, "config": config, "timings_s": timings, "markdown": markdown}
     write_json_atomic(os.path.join(run_dir, "results.json"), summary)
     write_text_atomic(os.path.join(run_dir, "results.md"), markdown)
-    _plot(os.path.join(run_dir, "accuracy_vs_tokens.png"), main_rows)
+    _plot(os.path.join(run_dir, "accuracy_vs_tokens.png"), main_rows, finetuned)
     return summary
 
 
-def _plot(path: str, rows: list[dict]) -> None:
+def _plot(path: str, rows: list[dict], finetuned: list[dict] = ()) -> None:
     """Figure 2 analog: cell accuracy against average vision tokens, one line per method (bars:
-    the range over fine-tune seeds, where several ran)."""
+    the range over fine-tune seeds, where several ran); the fine-tuned baselines as labelled
+    crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     methods: dict[str, list] = {}
     full = None
     for r in rows:
@@ -266,13 +286,23 @@ def _plot(path: str, rows: list[dict]) -> None:
         x, y = [p[0] for p in points], [p[1] for p in points]
         spread = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
         ax.errorbar(x, y, yerr=spread if any(map(any, spread)) else None, marker="o", capsize=3, label=method)
+    if finetuned:
+        x = [r["average_vision_tokens"] for r in finetuned]
+        y = [100 * r["cell_accuracy"] for r in finetuned]
+        ax.scatter(x, y, marker="x", color="black", label="baselines fine-tuned like ADSC", zorder=3)
+        label_y = None
+        for yi, xi, r in sorted(zip(y, x, finetuned), key=lambda p: -p[0]):
+            # one column of labels right of the crosses, moved down where points are close
+            label_y = yi if label_y is None or label_y - yi >= 3.5 else label_y - 3.5
+            ax.annotate(r["setting"].split("-ft-")[0], (xi, yi), xytext=(max(x) + 1.5, label_y), fontsize=7,
+                        va="center", arrowprops=dict(arrowstyle="-", color="grey", lw=0.5))
     if full is not None:
         ax.axhline(100 * full["cell_accuracy"], linestyle="--", color="grey",
                    label=f"full model ({full['average_vision_tokens']:.0f} tokens)")
     ax.set_xlabel("average vision tokens per layer")
     ax.set_ylabel("transcription cell accuracy (%)")
     ax.set_title("DigitGrid: accuracy vs. vision tokens")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)

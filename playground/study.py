@@ -41,6 +41,16 @@ logger = logging.getLogger("playground")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGETS = (("1of3", 1 / 3), ("2of9", 2 / 9), ("1of9", 1 / 9))
+# The baselines of docs/methods.md: name -> (label, prune method, selection). ``random`` is
+# ADSC's loop with a seeded random subset: the floor every selection rule must beat.
+BASELINES = {
+    "random": ("random subset", "adsc", "random"),
+    "fastv": ("FastV", "fastv", None),
+    "pdrop": ("PyramidDrop", "pdrop", None),
+    "tome": ("ToMe", "tome", None),
+    "visionzip": ("VisionZip", "visionzip", None),
+    "pool": ("2-D pooling", "pool", None),
+}
 
 
 @dataclass
@@ -82,6 +92,8 @@ class StudyConfig:
     eval_batch: int = 32
     ablations: bool = False
     ablation_budget: str = "1of9"  # Tables II/III analogs at this budget (the paper's are at 192 of 576)
+    baselines: tuple = tuple(BASELINES)  # training-free rows of every one at every budget (default run)
+    baselines_finetuned: bool = False  # also fine-tune each baseline with ADSC's recipe at ablation_budget
     full_ft_lr: float = 3e-4
     budgets: tuple = field(default_factory=lambda: tuple(name for name, _ in BUDGETS))
 
@@ -103,7 +115,8 @@ class StudyConfig:
 
 
 # May differ between runs in one folder: they change what is added or how fast, not what is there.
-FIELDS_FREE_ON_RESUME = ("name", "device", "ablations", "eval_batch", "finetune_seeds")
+FIELDS_FREE_ON_RESUME = ("name", "device", "ablations", "eval_batch", "finetune_seeds", "baselines",
+                         "baselines_finetuned")
 
 
 class Study:
@@ -227,12 +240,29 @@ class Study:
         tower = CLIPVisionConfig.from_pretrained(os.path.join(self.ckpt, "tower"))
         return (tower.image_size // tower.patch_size) ** 2 * fraction
 
-    def adsc(self, label: str, fraction: float, tag: str = "", **overrides) -> str:
-        """Fine-tune the full model with ADSC at ``fraction`` of the vision tokens through the
-        user-facing script, then merge the adapter into a complete checkpoint. ``overrides``:
-        ``finetune_mode``, ``curriculum``, ``lr``, ``seed`` (default: the study's)."""
+    def method_schedule(self, baseline: str, fraction: float) -> dict:
+        """``configure_pruning`` arguments of a baseline at ``fraction`` of the vision tokens.
+
+        The in-decoder methods prune where ADSC does (PyramidDrop at ADSC's layers, FastV at
+        the first of them: layer 1 of 16 is FastV's K = 2 of 32), so they differ from ADSC only
+        in how they pick; the pre-LLM methods take no layers."""
+        _, method, selection = BASELINES[baseline]
+        layers = {"fastv": list(self.config.prune_layers[:1]), "adsc": list(self.config.prune_layers),
+                  "pdrop": list(self.config.prune_layers)}.get(method, [])
+        schedule = {"prune_layers": layers, "vision_token_budget": self.budget_tokens(fraction), "method": method}
+        if selection:
+            schedule["selection"] = selection
+        return schedule
+
+    def adsc(self, label: str, fraction: float, tag: str = "", baseline: str | None = None, **overrides) -> str:
+        """Fine-tune the full model with ADSC (or with ``baseline``'s selection in ADSC's exact
+        recipe) at ``fraction`` of the vision tokens through the user-facing script, then merge
+        the adapter into a complete checkpoint. ``overrides``: ``finetune_mode``,
+        ``curriculum``, ``lr``, ``seed`` (default: the study's)."""
         c = self.config
-        name = f"adsc-{label}{tag}"
+        name = f"{baseline}-ft-{label}{tag}" if baseline else f"adsc-{label}{tag}"
+        method = self.method_schedule(baseline, fraction) if baseline else {
+            "prune_layers": list(c.prune_layers), "method": "adsc", "selection": "uniform_2d"}
         lora_out = os.path.join(self.ckpt, name + "-lora")
         merged = os.path.join(self.ckpt, name)
         mode = overrides.get("finetune_mode", "lora")
@@ -242,7 +272,8 @@ class Study:
                 os.environ,
                 MODEL_PATH=os.path.join(self.ckpt, "full"), DATA_PATH=os.path.join(self.data_dir, "train.json"),
                 IMAGE_FOLDER=self.data_dir, OUTPUT_DIR=lora_out, BUDGET=f"{self.budget_tokens(fraction):.6f}",
-                PRUNE_LAYERS=",".join(map(str, c.prune_layers)), CURRICULUM=overrides.get("curriculum", c.curriculum),
+                PRUNE_LAYERS=",".join(map(str, method["prune_layers"])), PRUNE_METHOD=method["method"],
+                SELECTION=method.get("selection", "uniform_2d"), CURRICULUM=overrides.get("curriculum", c.curriculum),
                 PHASE_FRACTIONS=",".join(f"{x:g}" for x in c.curriculum_phase_fractions),
                 FINETUNE_MODE=mode, LORA_R=str(c.lora_r), LORA_ALPHA=str(c.lora_alpha), LORA_DROPOUT=str(c.lora_dropout),
                 LR=str(overrides.get("lr", c.adsc_lr)), MM_PROJECTOR_LR=str(c.adsc_projector_lr),
@@ -259,7 +290,7 @@ class Study:
                 done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "v1_5", "finetune_adsc_lora.sh")],
                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             if done.returncode:
-                raise RuntimeError(f"the ADSC fine-tune {name} failed (exit {done.returncode}); its log: {log_path}")
+                raise RuntimeError(f"the fine-tune {name} failed (exit {done.returncode}); its log: {log_path}")
             if mode == "lora":
                 _merge(lora_out, os.path.join(self.ckpt, "full"), merged)
             else:
@@ -300,12 +331,23 @@ class Study:
         for label, fraction in BUDGETS:
             if label not in c.budgets:
                 continue
-            schedule = {"prune_layers": list(c.prune_layers), "vision_token_budget": self.budget_tokens(fraction)}
+            schedule = {"prune_layers": list(c.prune_layers), "vision_token_budget": self.budget_tokens(fraction),
+                        "method": "adsc", "selection": "uniform_2d"}
             settings[f"training-free-{label}"] = Setting("ADSC schedule, no fine-tuning", label, full, schedule)
             for seed in self.finetune_seeds():
                 tag = "" if seed == c.seed else f"-seed{seed}"
                 settings[f"adsc-{label}{tag}"] = Setting("ADSC (LoRA, reverse curriculum)", label,
                                                          self.adsc(label, fraction, tag, seed=seed), seed=seed)
+            for baseline in c.baselines:
+                settings[f"{baseline}-{label}"] = Setting(f"{BASELINES[baseline][0]}, no fine-tuning", label, full,
+                                                          self.method_schedule(baseline, fraction))
+        if c.baselines_finetuned or c.ablations:
+            label = c.ablation_budget
+            fraction = dict(BUDGETS)[label]
+            for baseline in c.baselines:
+                path = self.adsc(label, fraction, baseline=baseline)
+                settings[f"{baseline}-ft-{label}"] = Setting(f"{BASELINES[baseline][0]} (LoRA, reverse curriculum)",
+                                                             label, path, ablation="baselines")
         if c.ablations:
             label = c.ablation_budget
             fraction = dict(BUDGETS)[label]
@@ -345,9 +387,10 @@ class Study:
 class Setting:
     """One row of the tables: a checkpoint and the pruning it is evaluated with.
 
-    ``schedule`` (``prune_layers`` + ``vision_token_budget``) is applied at evaluation;
-    ``None`` means the checkpoint's own saved schedule (none for the full model).
-    ``ablation``: ``None`` for Table I rows, ``"regime"`` (Table II) or ``"curriculum"`` (III).
+    ``schedule`` (``configure_pruning`` arguments: ``prune_layers``, ``vision_token_budget``,
+    ``method``, ``selection``) is applied at evaluation; ``None`` means the checkpoint's own
+    saved schedule (none for the full model). ``ablation``: ``None`` for Table I rows,
+    ``"regime"`` (Table II), ``"curriculum"`` (III) or ``"baselines"`` (the fine-tuned baselines).
     ``seed``: the fine-tune's seed (``None``: not fine-tuned here); rows that differ only in
     it are reported as a mean with its spread.
     """
@@ -362,8 +405,13 @@ class Setting:
     def flags(self) -> list[str]:
         if self.schedule is None:
             return []
-        return ["--prune-layers", ",".join(map(str, self.schedule["prune_layers"])),
-                "--vision-token-budget", f"{self.schedule['vision_token_budget']:.6f}"]
+        flags = ["--vision-token-budget", f"{self.schedule['vision_token_budget']:.6f}",
+                 "--prune-method", self.schedule.get("method", "adsc")]
+        if self.schedule["prune_layers"]:
+            flags += ["--prune-layers", ",".join(map(str, self.schedule["prune_layers"]))]
+        if self.schedule.get("selection"):
+            flags += ["--prune-selection", self.schedule["selection"]]
+        return flags
 
 
 def _seed_list(text: str) -> tuple[int, ...]:
@@ -388,7 +436,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default=None, help="run folder under playground/runs (default: default / smoke)")
     parser.add_argument("--smoke", action="store_true", help="a few minutes, for CI")
-    parser.add_argument("--ablations", action="store_true", help="add Tables II/III: full FT, standard/direct curricula")
+    parser.add_argument("--ablations", action="store_true",
+                        help="add Tables II/III (full FT, standard/direct curricula) and the fine-tuned baselines")
+    parser.add_argument("--baselines-finetuned", action="store_true",
+                        help="fine-tune every baseline with ADSC's recipe at the ablation budget (1/9)")
     parser.add_argument("--seeds", default=None, type=_seed_list,
                         help="seeds of the ADSC fine-tunes, e.g. 0,1,2: each budget is fine-tuned once per seed "
                              "and reported as mean and spread (data, tower and full model keep --config's seed)")
@@ -410,6 +461,8 @@ def main(argv=None) -> dict:
         overrides["name"] = args.name
     if args.ablations:
         overrides["ablations"] = True
+    if args.baselines_finetuned:
+        overrides["baselines_finetuned"] = True
     if args.seeds is not None:
         overrides["finetune_seeds"] = args.seeds
     device = args.device or overrides.get("device") or (

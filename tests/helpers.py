@@ -10,6 +10,18 @@ from llava.mm_utils import tokenizer_image_token
 QUESTIONS = ("What is this?", "Describe the image in detail please.", "Is there a cat?")
 
 
+def tiny_eager_decoder(num_layers: int):
+    """A random Llama decoder (64 wide, 4 query / 2 key-value heads) on eager attention, so its
+    ``output_attentions`` maps are the reference of the score-based methods."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config._attn_implementation = "eager"
+    return LlamaModel(config).eval()
+
+
 def prompt_ids(tokenizer, question: str, template: str = "vicuna_v1", image_first: bool = True) -> torch.Tensor:
     conv = conv_templates[template].copy()
     text = f"<image>\n{question}" if image_first else f"{question}\n<image>"

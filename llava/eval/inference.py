@@ -153,9 +153,10 @@ class AnswerFile:
             return
         with open(self.settings_path, encoding="utf-8") as f:
             previous = json.load(f)
-        keys = ("model_path", "model_base", "vision_tower", "conv_mode", "generation", "pruning", "question_file",
-                "quantization")
+        keys = ("model_path", "model_base", "vision_tower", "conv_mode", "generation", "question_file", "quantization")
         changed = [k for k in keys if previous.get(k, settings.get(k)) != settings.get(k)]
+        if "pruning" in previous and _pruning_differs(previous["pruning"], settings["pruning"]):
+            changed.append("pruning")
         if changed:
             raise EvalInputError(
                 f"{self.path} already holds {len(self.done)} answers made with other settings ({', '.join(changed)} "
@@ -290,6 +291,15 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     add_debug_arg(parser)
 
 
+def _pruning_differs(before: dict, now: dict) -> bool:
+    """Compared on what the earlier file recorded (later releases add derived fields), and on
+    the method, which files of ADSC runs leave out."""
+    def get(pruning: dict, key: str):
+        return pruning.get(key, "adsc" if key == "method" else None)
+
+    return any(get(before, key) != get(now, key) for key in set(before) | {"method"})
+
+
 def _settings(args, model, model_name, conv_mode, schedule, n_questions) -> dict:
     import transformers
 
@@ -305,6 +315,7 @@ def _settings(args, model, model_name, conv_mode, schedule, n_questions) -> dict
         pruning.update(
             vision_tokens_per_stage=list(schedule.stage_tokens),
             average_vision_tokens=schedule.average_tokens,
+            vision_tokens_after_last_stage=schedule.stage_tokens[-1],
             vision_tokens_per_layer=list(schedule.tokens_per_layer),
         )
     return {

@@ -30,7 +30,8 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
                        help="average vision tokens over all layers; the drop ratio is solved for it")
     group.add_argument("--prune-selection", choices=SELECTIONS, default=None)
     group.add_argument("--prune-method", choices=PRUNE_METHODS, default=None,
-                       help="adsc (positional selection) or fastv (top attention of the last prompt token, one layer)")
+                       help="adsc (positional), fastv or pdrop (attention-ranked) in the decoder; tome, visionzip or "
+                            "pool before it (docs/methods.md)")
     group.add_argument("--no-pruning", action="store_true", help="run on all vision tokens")
 
 
@@ -57,5 +58,6 @@ def apply_pruning_args(model, args: argparse.Namespace):
     except ScheduleError as error:
         fail(error)
     if schedule is not None:
-        logger.info("vision tokens: %s", schedule.describe())
+        logger.info("vision tokens (prune method %s): %s; %d kept after the last stage", model.config.prune_method,
+                    schedule.describe(), schedule.stage_tokens[-1])
     return schedule

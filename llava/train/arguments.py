@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from adsc_patch.methods import PRUNE_METHODS
+
 from ..cli import InputError
 
 CURRICULA = ("reverse", "standard", "direct", "none")
@@ -107,6 +109,10 @@ class AdscArguments:
         default=None, metadata={"help": "target average vision tokens over all layers (e.g. 192 of 576)"}
     )
     prune_selection: str = field(default="uniform_2d", metadata={"help": "uniform_2d, uniform_1d or random"})
+    prune_method: str = field(
+        default="adsc",
+        metadata={"help": "adsc, fastv, pdrop (in the decoder) or tome, visionzip, pool (before it); docs/methods.md"},
+    )
     curriculum: str = field(
         default="reverse",
         metadata={"help": "reverse (0.8,0.9,1.0), standard (1.2,1.1,1.0), direct, or none (train on all tokens)"},
@@ -152,6 +158,8 @@ class AdscArguments:
             raise InputError("give --drop_ratio or --vision_token_budget, not both")
         if self.curriculum == "none" and (self.drop_ratio or self.vision_token_budget or self.curriculum_factors):
             raise InputError("--curriculum none trains on all vision tokens: drop the pruning target flags")
+        if self.prune_method not in PRUNE_METHODS:
+            raise InputError(f"--prune_method {self.prune_method!r}: known {', '.join(PRUNE_METHODS)}")
         self.layers()
         self.fractions()
 

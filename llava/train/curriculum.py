@@ -1,7 +1,8 @@
 """Curriculum over the vision-token budget (the paper's section III-C).
 
 Training is split into phases; phase ``i`` trains with ``factors[i] x`` the target budget,
-at the same prune layers (the ratio is solved per phase). Reverse: 0.8x, 0.9x, 1.0x
+at the same prune layers and method (the ratio, or a pre-LLM method's setting, is solved
+per phase). Reverse: 0.8x, 0.9x, 1.0x
 (starts harder than the target); standard: 1.2x, 1.1x, 1.0x; direct: 1.0x throughout.
 The phase follows the optimizer step, so a resumed run picks up the phase of its step.
 """
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 from transformers import TrainerCallback
 
-from adsc_patch import VisionSchedule, solve_drop_ratio
+from adsc_patch import VisionSchedule
+from adsc_patch.methods import is_pre_llm
 
 from ..cli import InputError
 
@@ -44,14 +47,13 @@ def plan_curriculum(
     factors: tuple[float, ...],
     fractions: tuple[float, ...],
     total_steps: int,
-    num_layers: int,
-    num_vision_tokens: int,
-    prune_layers: list[int],
+    solve: Callable[[float], VisionSchedule],
 ) -> list[CurriculumPhase]:
     """Phases with their first optimizer step and solved schedule.
 
     Phase ``i`` starts at ``round(total_steps * sum(fractions[:i]))``. Every phase budget
-    is solved here, so an infeasible one fails before training starts.
+    is solved here by ``solve`` (the model's ``solve_schedule`` for its method and prune
+    layers), so an infeasible one fails before training starts.
     """
     if len(factors) != len(fractions):
         raise InputError(f"{len(factors)} curriculum factors but {len(fractions)} phase fractions")
@@ -60,7 +62,7 @@ def plan_curriculum(
         start = round(total_steps * cumulative)
         cumulative += fraction
         budget = factor * target_budget
-        schedule = solve_drop_ratio(num_layers, num_vision_tokens, prune_layers, budget)
+        schedule = solve(budget)
         phases.append(CurriculumPhase(index, start, factor, budget, schedule))
     return phases
 
@@ -92,10 +94,10 @@ class CurriculumCallback(TrainerCallback):
         if phase is self.current:
             return
         self.current = phase
+        in_decoder = not is_pre_llm(self.model.config.prune_method)
         self.model.configure_pruning(
-            prune_layers=list(phase.schedule.prune_layers), drop_ratio=phase.schedule.drop_ratio
+            prune_layers=list(phase.schedule.prune_layers) if in_decoder else [], vision_token_budget=phase.budget
         )
-        self.model.config.vision_token_budget = phase.budget
         logger.info("step %d: %s", step, phase.describe(len(self.phases)))
 
     def on_train_begin(self, args, state, control, **kwargs):

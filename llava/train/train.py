@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from adsc_patch import ScheduleError, default_prune_layers, vision_schedule
+from adsc_patch import PRUNE_METHODS, ScheduleError, default_prune_layers, kept_tokens, vision_schedule
+from adsc_patch.fastv import DEFAULT_FASTV_LAYER
+from adsc_patch.methods import is_pre_llm
 from llava.cli import InputError, MissingDependencyError, run_command
 from llava.model import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.builder import (
@@ -174,11 +176,27 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments, at
     return model, tokenizer
 
 
+def _method_prune_layers(adsc: AdscArguments, config) -> list[int]:
+    """The prune layers of the fine-tune: given, else saved, else the method's default
+    (ADSC's for adsc and pdrop, FastV's K for fastv, none before the language model)."""
+    given = adsc.layers()
+    if is_pre_llm(adsc.prune_method):
+        if given:
+            raise InputError(f"--prune_method {adsc.prune_method} reduces the image before the language model: "
+                             f"drop --prune_layers {adsc.prune_layers}")
+        return []
+    if adsc.prune_method == "fastv":
+        return given or (list(config.prune_layers) if len(config.prune_layers) == 1 else [DEFAULT_FASTV_LAYER])
+    return given or list(config.prune_layers) or list(default_prune_layers(config.num_hidden_layers))
+
+
 def _target_budget(model, adsc: AdscArguments, layers: list[int]) -> float:
     schedule_n = model.get_vision_tower().num_patches
     n_layers = model.config.num_hidden_layers
     if adsc.vision_token_budget is not None:
         return float(adsc.vision_token_budget)
+    if adsc.drop_ratio is not None and not layers:  # a pre-LLM method: tokens per image
+        return float(kept_tokens(schedule_n, adsc.drop_ratio))
     if adsc.drop_ratio is not None:
         return vision_schedule(n_layers, schedule_n, layers, adsc.drop_ratio).average_tokens
     if model.config.prune_layers and model.config.drop_ratio > 0:
@@ -290,22 +308,24 @@ def run_training(argv=None, attn_implementation: str | None = None) -> TrainingR
     config.image_aspect_ratio = data_args.image_aspect_ratio
     config.conv_mode = "vicuna_v1" if model_args.version in ("v1", "vicuna_v1") else model_args.version
     config.prune_selection = adsc.prune_selection
+    config.prune_method = adsc.prune_method
 
     tower = model.get_vision_tower()
     factors, fractions = adsc.factors(), adsc.fractions()
     if factors:
-        layers = adsc.layers() or list(config.prune_layers) or list(default_prune_layers(config.num_hidden_layers))
+        layers = _method_prune_layers(adsc, config)
         target = _target_budget(model, adsc, layers)
 
         def plan(total_steps: int):
-            return plan_curriculum(target, factors, fractions, total_steps, config.num_hidden_layers,
-                                   tower.num_patches, layers)
+            return plan_curriculum(target, factors, fractions, total_steps,
+                                   lambda budget: model.solve_schedule(budget, layers))
 
         try:  # solve every phase now: an infeasible budget fails before any data is read
             budgets = [f"{p.budget:.2f} (average {p.schedule.average_tokens:.2f})" for p in plan(len(factors))]
         except ScheduleError as error:
             raise ScheduleError(f"the curriculum's budgets are infeasible for this model: {error}") from error
-        logger.info("%s curriculum over prune layers %s: budgets %s", adsc.curriculum, layers, ", ".join(budgets))
+        logger.info("%s curriculum, prune method %s, over prune layers %s: budgets %s", adsc.curriculum,
+                    adsc.prune_method, layers, ", ".join(budgets))
     else:
         model.configure_pruning(prune_layers=[], drop_ratio=0.0)
         logger.info("no curriculum: training on all vision tokens")

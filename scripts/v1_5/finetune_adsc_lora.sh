@@ -12,8 +12,9 @@
 #   OUTPUT_DIR        where adapter, projector, config go     ./checkpoints/llava-v1.5-7b-adsc-lora-$BUDGET
 #   BUDGET            target average vision tokens per layer  192
 #   DROP_RATIO        give a ratio instead of BUDGET          (unset)
-#   PRUNE_LAYERS      0-based decoder layers                  2,6,12,20
-#   SELECTION         uniform_2d | uniform_1d                 uniform_2d
+#   PRUNE_METHOD      adsc | fastv | pdrop | tome | visionzip | pool (docs/methods.md)  adsc
+#   PRUNE_LAYERS      0-based decoder layers                  2,6,12,20 (fastv: 2; tome, visionzip, pool: none)
+#   SELECTION         uniform_2d | uniform_1d | random (adsc) uniform_2d
 #   CURRICULUM        reverse | standard | direct             reverse
 #   CURRICULUM_FACTORS, PHASE_FRACTIONS  e.g. 0.8,0.9,1.0 and 0.5,0.25,0.25  (defaults per curriculum, equal thirds)
 #   FINETUNE_MODE     lora | full                             lora
@@ -43,7 +44,13 @@ DATA_PATH="${DATA_PATH:-./playground/data/llava_v1_5_mix665k.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-./playground/data}"
 BUDGET="${BUDGET:-192}"
 OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-adsc-lora-${BUDGET}}"
-PRUNE_LAYERS="${PRUNE_LAYERS:-2,6,12,20}"
+PRUNE_METHOD="${PRUNE_METHOD:-adsc}"
+case "$PRUNE_METHOD" in
+  fastv) DEFAULT_LAYERS=2 ;;
+  tome|visionzip|pool) DEFAULT_LAYERS= ;;
+  *) DEFAULT_LAYERS=2,6,12,20 ;;
+esac
+PRUNE_LAYERS="${PRUNE_LAYERS-$DEFAULT_LAYERS}"
 SELECTION="${SELECTION:-uniform_2d}"
 CURRICULUM="${CURRICULUM:-reverse}"
 FINETUNE_MODE="${FINETUNE_MODE:-lora}"
@@ -114,7 +121,7 @@ ARGS=(
   --finetune_mode "$FINETUNE_MODE"
   --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
   --mm_projector_lr "$MM_PROJECTOR_LR"
-  --prune_layers "$PRUNE_LAYERS" --prune_selection "$SELECTION"
+  --prune_method "$PRUNE_METHOD" --prune_layers "$PRUNE_LAYERS" --prune_selection "$SELECTION"
   --curriculum "$CURRICULUM"
   "${TARGET[@]}"
   --output_dir "$OUTPUT_DIR"

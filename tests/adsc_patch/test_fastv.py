@@ -3,11 +3,11 @@ top-k; the random selection's counts and nesting."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel
 
 from adsc_patch import AdscPlan, ScheduleError, pruned_decoder_forward
-from adsc_patch.fastv import last_query_index, query_attention, top_k_per_image
+from adsc_patch.scores import last_query_index, query_attention, top_k_per_image
 from adsc_patch.select import keep_sets
+from tests.helpers import tiny_eager_decoder
 
 pytestmark = pytest.mark.compat  # eager attention maps and hidden states are transformers' outputs
 
@@ -16,11 +16,7 @@ N_VISION, K = 16, 2
 
 @pytest.fixture(scope="module")
 def decoder():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    config._attn_implementation = "eager"
-    return LlamaModel(config).eval()
+    return tiny_eager_decoder(4)
 
 
 def _batch(side):
@@ -84,8 +80,10 @@ def test_fastv_takes_exactly_one_prune_layer_of_at_least_one():
     for layers in ((2, 6), (0,)):
         with pytest.raises(ScheduleError, match="fastv drops once"):
             AdscPlan(prune_layers=layers, drop_ratio=0.5, method="fastv")
-    with pytest.raises(ScheduleError, match="unknown prune method 'pdrop'; expected one of"):
-        AdscPlan(method="pdrop")
+    with pytest.raises(ScheduleError, match="unknown prune method 'fastvv'; known: adsc, fastv, pdrop, tome"):
+        AdscPlan(method="fastvv")
+    with pytest.raises(ScheduleError, match="prune method pool acts on the vision tower's features"):
+        AdscPlan(method="pool")
 
 
 def test_random_selection_is_fixed_nested_and_exact():

@@ -124,3 +124,45 @@ def test_patched_hf_generation_equals_the_uncached_loop_and_caches_the_schedule(
         assert [len(p[0]) for p in last_trace(hf).kept_vision_positions] == list(schedule.stage_tokens)
     finally:
         remove_adsc(hf)
+
+
+@pytest.mark.parametrize("method, layers", [("fastv", [2]), ("pdrop", [1, 3])])
+def test_patched_hf_score_based_methods_equal_ours(pair, random_images, method, layers):
+    hf, ours, tokenizer, processor = pair
+    seqs = [prompt_ids(tokenizer, q) for q in QUESTIONS]
+    apply_adsc(hf, prune_layers=layers, drop_ratio=0.5, method=method)
+    apply_adsc(ours, prune_layers=layers, drop_ratio=0.5, method=method)
+    try:
+        with torch.no_grad():
+            ids, mask, pixels = _hf_inputs(hf, tokenizer, processor, random_images, "left")
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            patched = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions)
+            our_ids, our_mask = pad_batch(seqs, tokenizer.pad_token_id, "left")
+            expected = ours(input_ids=our_ids, attention_mask=our_mask, images=pixels)
+            torch.testing.assert_close(patched.logits, expected.logits, atol=1e-5, rtol=1e-5)
+            assert [len(k[0]) for k in last_trace(hf).kept_vision_positions] == [36, 18, 9][:len(layers) + 1]
+            # training: the token before each answer ranks, on both
+            ids, mask, pixels = _hf_inputs(hf, tokenizer, processor, random_images, "right")
+            labels = ids.clone()
+            labels[(mask == 0) | (ids == hf.config.image_token_id)] = IGNORE_INDEX
+            labels[:, :-3] = IGNORE_INDEX  # answers: the last three tokens of the longest row
+            our_ids, our_mask = pad_batch(seqs, tokenizer.pad_token_id, "right")
+            our_labels = our_ids.clone()
+            our_labels[(our_mask == 0) | (our_ids < 0)] = IGNORE_INDEX
+            our_labels[:, :-3] = IGNORE_INDEX
+            hf_loss = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+            hf_kept = last_trace(hf).kept_vision_positions[1]
+            our_loss = ours(input_ids=our_ids, attention_mask=our_mask, images=pixels, labels=our_labels).loss
+            our_kept = ours.pruning_trace.kept_vision_positions[1]
+        torch.testing.assert_close(hf_loss, our_loss, atol=1e-5, rtol=1e-5)
+        offset = ids.shape[1] - our_ids.shape[1]  # hf ids hold 36 image tokens where ours hold one marker
+        assert offset == 35 and [k.tolist() for k in hf_kept] == [k.tolist() for k in our_kept]
+    finally:
+        remove_adsc(hf)
+        remove_adsc(ours)
+
+
+def test_the_hf_patch_refuses_pre_llm_methods(pair):
+    with pytest.raises(ScheduleError, match="prune method 'pool': the llava-hf patch runs the in-decoder methods"):
+        apply_adsc(pair[0], prune_layers=[], vision_token_budget=9, method="pool")
+    assert "forward" not in vars(pair[0].model.language_model)

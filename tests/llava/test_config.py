@@ -17,7 +17,8 @@ from llava.model.builder import load_pretrained_model
         (dict(prune_layers=[1, 1]), "duplicates"),
         (dict(prune_layers=[1], drop_ratio=1.0), r"\[0, 1\)"),
         (dict(prune_selection="saliency"), "prune_selection"),  # ("random" is a selection now)
-        (dict(prune_method="tome"), "prune_method"),
+        (dict(prune_method="sparsevlm"), "prune_method"),  # (tome, visionzip, pool are methods now)
+        (dict(prune_method="pool", prune_layers=[1]), "prune_method pool reduces the image before the language model"),
     ],
 )
 def test_bad_pruning_fields_are_refused_when_the_config_is_made(fields, message):

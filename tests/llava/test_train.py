@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adsc_patch import ScheduleError
+from adsc_patch import ScheduleError, solve_drop_ratio
 from llava.constants import IGNORE_INDEX
 from llava.model.builder import load_pretrained_model
 from llava.tools.make_tiny_dataset import make_tiny_dataset
@@ -202,8 +202,12 @@ def test_merge_lora_weights_script(script_run, tiny_deep_dir, tmp_path, random_i
 
 
 # ------------------------------------------------------------------------------ curriculum
+def _solve_7b(budget):
+    return solve_drop_ratio(32, 576, [2, 6, 12, 20], budget)
+
+
 def test_phases_split_steps_into_equal_thirds_and_solve_each_budget():
-    phases = plan_curriculum(192, (0.8, 0.9, 1.0), (1 / 3, 1 / 3, 1 / 3), 10, 32, 576, [2, 6, 12, 20])
+    phases = plan_curriculum(192, (0.8, 0.9, 1.0), (1 / 3, 1 / 3, 1 / 3), 10, _solve_7b)
     assert [p.start_step for p in phases] == [0, 3, 7]
     assert [round(p.budget, 1) for p in phases] == [153.6, 172.8, 192.0]
     assert all(abs(p.schedule.average_tokens - p.budget) <= 1 for p in phases)
@@ -211,12 +215,12 @@ def test_phases_split_steps_into_equal_thirds_and_solve_each_budget():
 
 
 def test_standard_and_direct_curricula_and_infeasible_budgets():
-    standard = plan_curriculum(192, (1.2, 1.1, 1.0), (0.5, 0.25, 0.25), 8, 32, 576, [2, 6, 12, 20])
+    standard = plan_curriculum(192, (1.2, 1.1, 1.0), (0.5, 0.25, 0.25), 8, _solve_7b)
     assert [p.start_step for p in standard] == [0, 4, 6] and standard[0].budget > standard[-1].budget
-    direct = plan_curriculum(64, (1.0,), (1.0,), 8, 32, 576, [2, 6, 12, 20])
+    direct = plan_curriculum(64, (1.0,), (1.0,), 8, _solve_7b)
     assert len(direct) == 1 and phase_at(direct, 7).budget == 64
     with pytest.raises(ScheduleError, match="below what prune layers"):
-        plan_curriculum(40, (0.8, 0.9, 1.0), (1 / 3,) * 3, 9, 32, 576, [2, 6, 12, 20])
+        plan_curriculum(40, (0.8, 0.9, 1.0), (1 / 3,) * 3, 9, _solve_7b)
 
 
 # ------------------------------------------------------------------------------ data
@@ -343,3 +347,18 @@ def test_a_seed_makes_a_lora_fine_tune_reproducible(tmp_path, tiny_deep_dir, tin
     assert first.keys() == again.keys() == other.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("method, budget, stages", [("pdrop", "12", (36, 15, 6)), ("tome", "24", (36, 24))])
+def test_a_baseline_fine_tunes_through_the_recipe_with_the_same_curriculum(tmp_path, tiny_deep_dir, tiny_data,
+                                                                           method, budget, stages):
+    layers = "1,3" if method == "pdrop" else ""  # tome acts in the tower: no prune layers
+    log = _run_script(tmp_path, tiny_deep_dir, tiny_data, PRUNE_METHOD=method, PRUNE_LAYERS=layers, BUDGET=budget,
+                      MAX_STEPS="6", SAVE_STEPS="100")
+    phases = _phase_lines(log)
+    assert [p[:3] for p in phases] == [("0", "1", "0.8"), ("2", "2", "0.9"), ("4", "3", "1")]
+    losses = json.loads((tmp_path / "adsc_training.json").read_text())["train_loss"]
+    assert len(losses) == 6 and all(loss == loss for loss in losses)  # finite: the pruned loss trains
+    _, model, _, _ = load_pretrained_model(str(tmp_path), model_base=tiny_deep_dir, device="cpu")
+    assert model.config.prune_method == method
+    assert model.vision_schedule().stage_tokens == stages

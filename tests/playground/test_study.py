@@ -34,6 +34,24 @@ def test_run_folder_has_the_tables_and_the_figure(smoke_run):
     assert "Compute and memory" in markdown and "| adsc-1of9 |" in markdown
 
 
+def test_the_default_run_has_every_baseline_training_free_at_every_budget(smoke_run):
+    run_dir, summary = smoke_run
+    rows = {row["setting"]: row for row in summary["rows"]}
+    n = rows["full"]["average_vision_tokens"]
+    for label, fraction in (("1of3", 1 / 3), ("2of9", 2 / 9), ("1of9", 1 / 9)):
+        for baseline in ("random", "fastv", "pdrop", "tome", "visionzip", "pool"):
+            row = rows[f"{baseline}-{label}"]
+            assert row["method"].endswith("no fine-tuning") and abs(row["average_vision_tokens"] - fraction * n) <= 1
+            assert f"| {baseline}-{label} |" in summary["markdown"]
+    settings = json.loads((run_dir / "answers" / "fastv-1of9.jsonl.settings.json").read_text())["pruning"]
+    assert settings["method"] == "fastv" and settings["prune_layers"] == [1]  # FastV's K at ADSC's first layer
+    settings = json.loads((run_dir / "answers" / "pool-1of9.jsonl.settings.json").read_text())["pruning"]
+    assert settings["prune_layers"] == [] and settings["vision_tokens_after_last_stage"] == 14  # a 2 x 7 grid
+    cost = summary["efficiency"]
+    assert cost["pdrop-1of9"]["vision_tokens_per_stage"] == cost["adsc-1of9"]["vision_tokens_per_stage"]
+    assert cost["tome-1of9"]["vision_tokens_per_stage"] == [121, 13]
+
+
 def test_budgets_are_the_analogs_of_192_128_64(smoke_run):
     run_dir, _ = smoke_run
     results = json.loads((run_dir / "results.json").read_text())
@@ -127,6 +145,25 @@ def test_more_fine_tune_seeds_add_rows_reported_as_mean_and_range(smoke_run):
     assert "| adsc-1of9-seed1 |" not in summary["markdown"]  # one row per setting in every table
     # the first seed's results are the same stages, not retrained
     assert rows["adsc-1of9"]["cell_accuracy"] == {r["setting"]: r for r in first["rows"]}["adsc-1of9"]["cell_accuracy"]
+
+
+def test_the_fine_tuned_baselines_stage_trains_each_with_adscs_recipe(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({"baselines": ["pdrop", "pool"]}))
+    summary = study.main(["--smoke", "--workdir", str(run_dir.parent.parent), "--baselines-finetuned",
+                          "--config", str(two)])
+    rows = {row["setting"]: row for row in summary["rows"]}
+    for baseline, method in (("pdrop", "pdrop"), ("pool", "pool")):
+        row = rows[f"{baseline}-ft-1of9"]
+        assert row["ablation"] == "baselines" and "(LoRA, reverse curriculum)" in row["method"]
+        log = (run_dir / f"train-{baseline}-ft-1of9.log").read_text()
+        assert log.count("curriculum phase") >= 3 and f"curriculum, prune method {method}," in log
+        _, model, _, _ = load_pretrained_model(str(run_dir / "checkpoints" / f"{baseline}-ft-1of9"), device="cpu")
+        assert model.config.prune_method == method
+        assert abs(model.vision_schedule().average_tokens - 121 / 9) <= 1
+    assert "## Selection rule vs. fine-tuning at budget 1of9" in summary["markdown"]
+    assert "| pool-ft-1of9 |" in summary["markdown"] and "| tome-ft-1of9 |" not in summary["markdown"]
 
 
 def test_merge_seeds_averages_only_rows_that_differ_in_their_seed():

@@ -12,8 +12,10 @@ The ADSC hook is four config fields, saved in ``config.json``:
 * ``vision_token_budget``: the average vision tokens over all layers the ratio was solved
   for (informational once solved; a config with a budget and ratio 0 is solved on load);
 * ``prune_selection``: ``uniform_2d`` (spatial lattice, default), ``uniform_1d`` or ``random``;
-* ``prune_method``: ``adsc`` (positional selection, default) or ``fastv`` (one prune layer
-  ``K``; the vision tokens the last prompt token attends to most at layer ``K-1`` survive).
+* ``prune_method``: ``adsc`` (positional selection, default), ``fastv`` or ``pdrop``
+  (attention-ranked, in the decoder), or ``tome``, ``visionzip``, ``pool`` (the image's
+  tokens reduced before the decoder, to ``vision_token_budget`` each; ``prune_layers``
+  empty). ``docs/methods.md`` describes them.
 
 Empty ``prune_layers`` or ``drop_ratio == 0`` runs transformers' own ``LlamaModel.forward``.
 """
@@ -43,6 +45,11 @@ from adsc_patch import (
 )
 from adsc_patch import compat
 from adsc_patch.fastv import DEFAULT_FASTV_LAYER
+from adsc_patch.methods import is_pre_llm
+from adsc_patch.tome import layers_run
+from adsc_patch.prellm import PreLlmPlan, pre_llm_schedule, pre_llm_trace, reduce_images, solve_pre_llm
+from adsc_patch.schedule import kept_tokens, validate_drop_ratio
+from adsc_patch.scores import answer_query_mask
 from adsc_patch.select import SELECTIONS
 
 from ...constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -96,6 +103,9 @@ class LlavaConfig(LlamaConfig):
             raise ScheduleError(f"prune_selection {self.prune_selection!r}: expected one of {SELECTIONS}")
         if self.prune_method not in PRUNE_METHODS:
             raise ScheduleError(f"prune_method {self.prune_method!r}: expected one of {PRUNE_METHODS}")
+        if is_pre_llm(self.prune_method) and self.prune_layers:
+            raise ScheduleError(f"prune_method {self.prune_method} reduces the image before the language model: "
+                                f"prune_layers must be empty, got {self.prune_layers}")
         # Layer range and ratio; counts need the vision tower and are checked by the model.
         vision_schedule(self.num_hidden_layers, 1, self.prune_layers, 0.0)
         if not 0.0 <= self.drop_ratio < 1.0:
@@ -136,8 +146,11 @@ class LlavaLlamaModel(LlamaModel):
         return weights[0].dtype if weights else self.embed_tokens.weight.dtype
 
     def adsc_plan(self) -> AdscPlan:
-        """The pruning plan the config asks for (a disabled plan when nothing is pruned)."""
+        """The pruning plan the config asks for (a disabled plan when nothing is pruned in the
+        decoder, which includes the pre-LLM methods)."""
         tower = self.get_vision_tower()
+        if is_pre_llm(self.config.prune_method):
+            return AdscPlan()
         grid = None
         if tower is not None and tower.select_feature == "patch":
             side = tower.num_patches_per_side
@@ -170,11 +183,14 @@ class LlavaLlamaModel(LlamaModel):
         inputs_embeds=None,
         use_cache=None,
         vision_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
         **kwargs,
     ):
         """``LlamaModel.forward``, or the pruned loop when the config asks for pruning.
 
         The KV cache comes as ``cache`` or ``past_key_values`` (either transformers release).
+        ``query_mask``: the tokens whose attention ranks vision tokens (score-based methods;
+        ``None``: the last prompt token).
         """
         cache = compat.take_cache(kwargs, where="LlavaLlamaModel.forward")
         compat.reject_stray_cache(kwargs, "LlavaLlamaModel.forward")
@@ -190,6 +206,7 @@ class LlavaLlamaModel(LlamaModel):
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 vision_mask=vision_mask,
+                query_mask=query_mask,
                 **kwargs,
             )
         return super().forward(
@@ -283,20 +300,32 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         new) layers, else the saved ratio stays. A ratio or budget without layers (none given,
         none saved) uses ``default_prune_layers`` (2, 6, 12, 20 at 32 layers), as training
         does, and logs it. ``prune_layers=[]`` or ``drop_ratio=0`` turns pruning off.
-        ``method`` (default: the saved ``prune_method``) is ``adsc`` or ``fastv``; ``fastv``
-        prunes at one layer ``K`` (default 2, FastV's), so without ``prune_layers`` a saved
-        multi-layer ADSC schedule gives way to ``[2]``. Returns the ``VisionSchedule`` in
-        effect (``None`` without a vision tower).
+
+        ``method`` (default: the saved ``prune_method``) is one of ``PRUNE_METHODS``; a new
+        method without ``prune_layers`` takes its own default layers, not the saved ones.
+        ``fastv`` prunes at one layer ``K`` (default 2, FastV's), so without ``prune_layers``
+        a saved multi-layer schedule gives way to ``[2]``; ``pdrop`` takes the default layers
+        like ``adsc``; the pre-LLM methods (``tome``, ``visionzip``, ``pool``) take no prune
+        layers, a budget (or a ratio, read as ``floor((1 - r) * N)`` tokens) of tokens per
+        image, and store it as ``vision_token_budget`` with ``prune_layers`` empty. Returns
+        the ``VisionSchedule`` in effect (``None`` without a vision tower); a refused request
+        changes nothing.
         """
         if drop_ratio is not None and vision_token_budget is not None:
             raise ScheduleError("give drop_ratio or vision_token_budget, not both")
-        tower = self.get_vision_tower()
-        layers = list(self.config.prune_layers if prune_layers is None else prune_layers)
         if selection is not None and selection not in SELECTIONS:
             raise ScheduleError(f"prune selection {selection!r}: expected one of {SELECTIONS}")
         method = method or self.config.prune_method
         if method not in PRUNE_METHODS:
             raise ScheduleError(f"unknown prune method {method!r}; known: {', '.join(PRUNE_METHODS)}")
+        if is_pre_llm(method):
+            return self._configure_pre_llm(method, prune_layers, drop_ratio, vision_token_budget, selection)
+        tower = self.get_vision_tower()
+        layers = list(self.config.prune_layers if prune_layers is None else prune_layers)
+        if prune_layers is None and layers and method != self.config.prune_method:
+            logger.info("prune method %s replaces %s: its own default layers, not the saved %s",
+                        method, self.config.prune_method, layers)
+            layers = []  # the saved layers were the other method's
         n_layers = self.config.num_hidden_layers
         n_tokens = tower.num_patches if tower is not None else 1
         asks_pruning = vision_token_budget is not None or (drop_ratio or 0) > 0
@@ -327,11 +356,77 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         self.config.prune_method = method
         return schedule if tower is not None else None
 
+    def _configure_pre_llm(self, method, prune_layers, drop_ratio, vision_token_budget, selection):
+        if prune_layers:
+            raise ScheduleError(f"prune method {method} reduces the image's tokens before the language model; "
+                                f"it takes no prune layers (got {list(prune_layers)})")
+        tower = self.get_vision_tower()
+        if tower is None:
+            raise ScheduleError(f"prune method {method} needs a vision tower")
+        n_tokens = tower.num_patches
+        if drop_ratio is not None:
+            off = drop_ratio == 0
+            budget = None if off else kept_tokens(n_tokens, validate_drop_ratio(drop_ratio))
+        elif vision_token_budget is not None:
+            budget = vision_token_budget
+        else:
+            budget = self.config.vision_token_budget
+        if prune_layers is not None and budget is None and vision_token_budget is None:
+            budget = None  # prune_layers=[] with nothing else: off
+        plan = self._solve_pre_llm(method, budget) if budget is not None else None
+        self.config.prune_layers = []
+        self.config.drop_ratio = 0.0
+        self.config.vision_token_budget = budget
+        if selection is not None:
+            self.config.prune_selection = selection
+        self.config.prune_method = method
+        if plan is None:
+            return vision_schedule(self.config.num_hidden_layers, n_tokens, [], 0.0)
+        return pre_llm_schedule(plan, self.config.num_hidden_layers)
+
+    def _solve_pre_llm(self, method: str, budget: float) -> PreLlmPlan:
+        tower = self.get_vision_tower()
+        if tower.select_feature != "patch":
+            raise ScheduleError(f"prune method {method} works on the patch grid; this tower hands on CLS too "
+                                f"(mm_vision_select_feature {tower.select_feature!r})")
+        side = tower.num_patches_per_side
+        try:
+            return solve_pre_llm(method, budget, (side, side),
+                                 layers_run(tower.config.num_hidden_layers, tower.select_layer))
+        except ScheduleError as error:
+            message = str(error)
+            raise ScheduleError(message if message.startswith("prune method") else
+                                f"prune method {method}: {message}") from None
+
+    def solve_schedule(self, budget: float, prune_layers, method: str | None = None):
+        """The ``VisionSchedule`` that ``configure_pruning(prune_layers, vision_token_budget=budget,
+        method=method)`` would set, without setting it (the curriculum solves its phases so)."""
+        method = method or self.config.prune_method
+        if is_pre_llm(method):
+            return pre_llm_schedule(self._solve_pre_llm(method, budget), self.config.num_hidden_layers)
+        try:
+            return solve_drop_ratio(self.config.num_hidden_layers, self.get_vision_tower().num_patches,
+                                    list(prune_layers), budget)
+        except ScheduleError as error:
+            raise ScheduleError(f"prune method {method}: {error}") from None
+
+    def pre_llm_plan(self) -> PreLlmPlan | None:
+        """The plan of a pre-LLM method in effect (``None``: none, or no budget)."""
+        if not is_pre_llm(self.config.prune_method) or self.config.vision_token_budget is None:
+            return None
+        if self.get_vision_tower() is None:
+            return None
+        return self._solve_pre_llm(self.config.prune_method, self.config.vision_token_budget)
+
     def vision_schedule(self):
-        """The ``VisionSchedule`` of the current config for one image."""
+        """The ``VisionSchedule`` of the current config for one image (for a pre-LLM method:
+        all patches before layer 0, its emitted count in every decoder layer)."""
         tower = self.get_vision_tower()
         if tower is None:
             raise ValueError("model has no vision tower")
+        plan = self.pre_llm_plan()
+        if plan is not None:
+            return pre_llm_schedule(plan, self.config.num_hidden_layers)
         return vision_schedule(
             self.config.num_hidden_layers, tower.num_patches, self.config.prune_layers, self.config.drop_ratio
         )
@@ -343,8 +438,17 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
 
     # ------------------------------------------------------------------ multimodal inputs
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``(n, 3, H, W)`` -> ``(n, num_patches, hidden_size)`` projected features."""
-        features = self.get_vision_tower()(images)
+        """``(n, 3, H, W)`` -> ``(n, num_patches, hidden_size)`` projected features; with a
+        pre-LLM method ``(n, k, hidden_size)``, its merge groups kept for the trace."""
+        tower = self.get_vision_tower()
+        plan = self.pre_llm_plan()
+        self._merge_groups = None
+        if plan is None:
+            features = tower(images)
+        else:
+            pixels = images.to(device=tower.device, dtype=tower.dtype)
+            reduction = reduce_images(plan, tower.vision_tower, pixels, tower.select_layer)
+            features, self._merge_groups = reduction.features, reduction.groups
         return self.model.mm_projector(features.to(self.model.mm_projector_dtype()))
 
     def prepare_inputs_labels_for_multimodal(
@@ -369,7 +473,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             features_by_image = dict(zip(used, encoded))
         per_row = [[features_by_image[i] for i in row] for row in assignment]
         side = padding_side or _padding_side(attention_mask, self.config.tokenizer_padding_side)
-        return splice_image_features(
+        spliced = splice_image_features(
             input_ids,
             attention_mask,
             labels,
@@ -378,6 +482,11 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             padding_side=side,
             max_length=self.config.tokenizer_model_max_length if labels is not None else None,
         )
+        if used and getattr(self, "_merge_groups", None) is not None:
+            # a pre-LLM method: nothing drops in the decoder, the trace is the merge
+            self.model.adsc_trace = pre_llm_trace(spliced.vision_mask, spliced.attention_mask,
+                                                  self.config.num_hidden_layers, self._merge_groups)
+        return spliced
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
@@ -418,6 +527,9 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         elif images is not None and cache is None and input_ids is not None:
             raise ValueError(f"{_count_images(images)} image(s) given but the prompts contain no <image> marker")
 
+        # Score-based methods rank with the token before each answer when the answer is in
+        # the sequence (training), as they rank with the last prompt token at inference.
+        query_mask = answer_query_mask(labels, IGNORE_INDEX) if labels is not None else None
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -425,6 +537,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             vision_mask=vision_mask,
+            query_mask=query_mask,
             **compat.cache_kwargs(cache),
             **kwargs,
         )

@@ -7,8 +7,8 @@
 #   EVAL_DIR     benchmark data root                      ./playground/data/eval
 #   CONV_MODE    conversation template                    vicuna_v1
 #   BATCH_SIZE   prompts per generate call                8 with CUDA, 4 on the CPU
-#   PRUNE_LAYERS, VISION_TOKEN_BUDGET or DROP_RATIO, PRUNE_SELECTION, NO_PRUNING=1
-#                pruning at evaluation (default: the checkpoint's own schedule)
+#   PRUNE_METHOD, PRUNE_LAYERS, VISION_TOKEN_BUDGET or DROP_RATIO, PRUNE_SELECTION, NO_PRUNING=1
+#                pruning at evaluation (default: the checkpoint's own schedule; docs/methods.md)
 #   EXTRA_ARGS   appended to every inference command
 #   CUDA_VISIBLE_DEVICES   one chunk per listed GPU
 #   CHUNKS       without a GPU: CPU processes, each on a contiguous chunk     1
@@ -21,6 +21,7 @@ SUFFIX=""
 [ -n "${VISION_TOKEN_BUDGET:-}" ] && SUFFIX="-budget${VISION_TOKEN_BUDGET}"
 [ -n "${DROP_RATIO:-}" ] && SUFFIX="-ratio${DROP_RATIO}"
 [ -n "${NO_PRUNING:-}" ] && SUFFIX="-full"
+[ -n "${PRUNE_METHOD:-}" ] && [ -z "${NO_PRUNING:-}" ] && SUFFIX="-${PRUNE_METHOD}${SUFFIX}"
 CKPT="${CKPT:-$(basename "${MODEL_PATH%/}")${SUFFIX}}"
 
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
@@ -44,6 +45,7 @@ COMMON_ARGS=(--model-path "$MODEL_PATH" --conv-mode "$CONV_MODE" --temperature 0
 [ -n "${VISION_TOKEN_BUDGET:-}" ] && COMMON_ARGS+=(--vision-token-budget "$VISION_TOKEN_BUDGET")
 [ -n "${DROP_RATIO:-}" ] && COMMON_ARGS+=(--drop-ratio "$DROP_RATIO")
 [ -n "${PRUNE_SELECTION:-}" ] && COMMON_ARGS+=(--prune-selection "$PRUNE_SELECTION")
+[ -n "${PRUNE_METHOD:-}" ] && COMMON_ARGS+=(--prune-method "$PRUNE_METHOD")
 [ -n "${NO_PRUNING:-}" ] && COMMON_ARGS+=(--no-pruning)
 # shellcheck disable=SC2206
 COMMON_ARGS+=(${EXTRA_ARGS:-})

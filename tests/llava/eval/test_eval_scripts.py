@@ -111,3 +111,13 @@ def test_summary_refuses_a_run_without_scores(eval_dir):
         summarize.main(["--eval-dir", eval_dir, "--baseline", "nope"])
     with pytest.raises(SystemExit, match="RUN:BENCH=VALUE"):
         summarize.main(["--eval-dir", eval_dir, "--baseline", "x", "--score", "x:mmmu=3"])
+
+
+def test_prune_method_reaches_the_benchmark_scripts(tiny_deep_dir, eval_dir):
+    out = _run("textvqa", tiny_deep_dir, eval_dir, PRUNE_METHOD="pool", VISION_TOKEN_BUDGET="9")
+    assert "Accuracy:" in out
+    run = os.path.basename(tiny_deep_dir.rstrip("/")) + "-pool-budget9"  # the method names the run
+    folder = os.path.join(eval_dir, "textvqa/answers", run)
+    pruning = json.load(open(os.path.join(folder, "merge.jsonl.settings.json")))["pruning"]
+    assert pruning["method"] == "pool" and pruning["prune_layers"] == []
+    assert pruning["average_vision_tokens"] == 9 and pruning["vision_tokens_after_last_stage"] == 9

@@ -1,0 +1,97 @@
+"""2-D average pooling of the patch grid: the content-blind pre-LLM baseline.
+
+The ``h x w`` patch grid of an image is cut into ``h2 x w2`` non-overlapping rectangular
+bins and every bin becomes one token, the plain mean of its patches' features. Output row
+``i`` covers input rows ``[floor(i * h / h2), floor((i + 1) * h / h2))``, columns likewise,
+so bins differ in size by at most one row or column when ``h2`` does not divide ``h``.
+
+It acts where ``tome`` and ``visionzip`` do: on the vision tower's patch features (CLS
+dropped), before the projector. It reads nothing but the grid shape; every patch is kept
+(no group is -1). Output tokens are the bins in raster order, which is also
+``reduction.py``'s order (by each token's first patch).
+
+``pool_shape`` picks the bin grid for a budget: the ``h2 x w2`` (``1 <= h2 <= h``,
+``1 <= w2 <= w``) whose token count is closest to the budget, then the one whose aspect
+ratio is closest to the grid's (``|log((h2 / w2) / (h / w))|``), then the one with
+``h2 <= w2``. On LLaVA-1.5's 24x24 grid: 192 -> 12x16, 128 -> 8x16, 64 -> 8x8.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from numbers import Real
+
+import torch
+
+from .reduction import VisionReduction
+from .schedule import ScheduleError
+
+__all__ = ["pool_features", "pool_groups", "pool_shape"]
+
+
+def _check_grid(grid) -> tuple[int, int]:
+    height, width = grid
+    for side in (height, width):
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+            raise ScheduleError(f"prune method pool: patch grid {tuple(grid)} is not two positive integers")
+    return height, width
+
+
+def pool_shape(grid: tuple[int, int], budget: float) -> tuple[int, int]:
+    """``(h2, w2)``: the bin grid for ``budget`` tokens on an ``h x w`` patch grid.
+
+    ``budget`` may be a float. Below 1 or above ``h * w`` raises ``ScheduleError``.
+    """
+    height, width = _check_grid(grid)
+    if isinstance(budget, bool) or not isinstance(budget, Real) or math.isnan(budget):
+        raise ScheduleError(f"prune method pool: budget {budget!r} is not a number")
+    if not 1 <= budget <= height * width:
+        raise ScheduleError(
+            f"prune method pool: budget {budget} vision tokens is out of range for a {height}x{width} "
+            f"patch grid (reachable 1..{height * width})"
+        )
+    target = Fraction(budget)
+
+    def cost(shape: tuple[int, int]):
+        rows, cols = shape
+        # |log((rows / cols) / (h / w))| grows with max(a, b) / min(a, b): compared exactly.
+        a, b = rows * width, cols * height
+        return abs(rows * cols - target), Fraction(max(a, b), min(a, b)), rows > cols
+
+    return min(((rows, cols) for rows in range(1, height + 1) for cols in range(1, width + 1)), key=cost)
+
+
+def _bins(size: int, count: int) -> list[int]:
+    """Bin of every input index when ``size`` indices are cut into ``count`` bins."""
+    return [bin_ for bin_ in range(count) for _ in range(bin_ * size // count, (bin_ + 1) * size // count)]
+
+
+def pool_groups(grid: tuple[int, int], out_shape: tuple[int, int]) -> torch.Tensor:
+    """``(h * w,)`` long: the bin (output token, raster order) of every patch."""
+    height, width = _check_grid(grid)
+    rows, cols = _check_grid(out_shape)
+    if rows > height or cols > width:
+        raise ScheduleError(
+            f"prune method pool: cannot pool a {height}x{width} patch grid into {rows}x{cols} bins "
+            f"(at most {height}x{width})"
+        )
+    row_bin = torch.tensor(_bins(height, rows), dtype=torch.long)
+    col_bin = torch.tensor(_bins(width, cols), dtype=torch.long)
+    return (row_bin[:, None] * cols + col_bin[None, :]).reshape(-1)
+
+
+def pool_features(features: torch.Tensor, grid: tuple[int, int], out_shape: tuple[int, int]) -> VisionReduction:
+    """Average-pool ``features`` ``(n, h * w, D)`` (raster order) into ``h2 * w2`` tokens."""
+    height, width = _check_grid(grid)
+    if features.dim() != 3 or features.shape[1] != height * width:
+        raise ValueError(
+            f"prune method pool: features {tuple(features.shape)} are not (images, {height}*{width}, dim)"
+        )
+    groups = pool_groups(grid, out_shape).to(features.device)
+    num_tokens = out_shape[0] * out_shape[1]
+    members = torch.zeros(num_tokens, height * width, device=features.device)
+    members[groups, torch.arange(height * width, device=features.device)] = 1.0
+    weights = members / members.sum(dim=1, keepdim=True)  # (k, N), rows sum to 1
+    pooled = torch.matmul(weights, features.float()).to(features.dtype)
+    return VisionReduction(features=pooled, groups=groups.unsqueeze(0).expand(features.shape[0], -1).clone())
