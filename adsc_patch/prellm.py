@@ -18,7 +18,7 @@ from .decoder import PruningTrace
 from .pool import pool_features, pool_shape
 from .reduction import PRE_LLM_METHODS, VisionReduction
 from .schedule import ScheduleError, VisionSchedule
-from .tome import layers_run, tome_merge_counts, tome_vision_forward
+from .tome import tome_merge_counts, tome_vision_forward
 from .visionzip import visionzip_split, visionzip_vision_forward
 
 __all__ = ["PreLlmPlan", "pre_llm_schedule", "pre_llm_trace", "reduce_images", "solve_pre_llm"]

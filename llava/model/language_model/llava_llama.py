@@ -47,7 +47,8 @@ from adsc_patch import compat
 from adsc_patch.fastv import DEFAULT_FASTV_LAYER
 from adsc_patch.methods import is_pre_llm
 from adsc_patch.tome import layers_run
-from adsc_patch.prellm import PreLlmPlan, pre_llm_schedule, pre_llm_trace, reduce_images, solve_pre_llm
+from adsc_patch.prellm import PreLlmPlan, pre_llm_schedule, pre_llm_trace, reduce_images
+from adsc_patch.solve import MethodSchedule, solve_method
 from adsc_patch.schedule import kept_tokens, validate_drop_ratio
 from adsc_patch.scores import answer_query_mask
 from adsc_patch.select import SELECTIONS
@@ -385,30 +386,23 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         return pre_llm_schedule(plan, self.config.num_hidden_layers)
 
     def _solve_pre_llm(self, method: str, budget: float) -> PreLlmPlan:
-        tower = self.get_vision_tower()
-        if tower.select_feature != "patch":
-            raise ScheduleError(f"prune method {method} works on the patch grid; this tower hands on CLS too "
-                                f"(mm_vision_select_feature {tower.select_feature!r})")
-        side = tower.num_patches_per_side
-        try:
-            return solve_pre_llm(method, budget, (side, side),
-                                 layers_run(tower.config.num_hidden_layers, tower.select_layer))
-        except ScheduleError as error:
-            message = str(error)
-            raise ScheduleError(message if message.startswith("prune method") else
-                                f"prune method {method}: {message}") from None
+        return self._solve_method(method, budget).pre_llm
 
     def solve_schedule(self, budget: float, prune_layers, method: str | None = None):
         """The ``VisionSchedule`` that ``configure_pruning(prune_layers, vision_token_budget=budget,
         method=method)`` would set, without setting it (the curriculum solves its phases so)."""
         method = method or self.config.prune_method
-        if is_pre_llm(method):
-            return pre_llm_schedule(self._solve_pre_llm(method, budget), self.config.num_hidden_layers)
-        try:
-            return solve_drop_ratio(self.config.num_hidden_layers, self.get_vision_tower().num_patches,
-                                    list(prune_layers), budget)
-        except ScheduleError as error:
-            raise ScheduleError(f"prune method {method}: {error}") from None
+        return self._solve_method(method, budget, list(prune_layers) if prune_layers else None).schedule
+
+    def _solve_method(self, method: str, budget: float, prune_layers=None) -> MethodSchedule:
+        tower = self.get_vision_tower()
+        if is_pre_llm(method) and tower.select_feature != "patch":
+            raise ScheduleError(f"prune method {method} works on the patch grid; this tower hands on CLS too "
+                                f"(mm_vision_select_feature {tower.select_feature!r})")
+        side = tower.num_patches_per_side
+        grid = (side, side) if tower.select_feature == "patch" else (1, tower.num_patches)
+        return solve_method(method, budget, self.config.num_hidden_layers, grid,
+                            layers_run(tower.config.num_hidden_layers, tower.select_layer), prune_layers)
 
     def pre_llm_plan(self) -> PreLlmPlan | None:
         """The plan of a pre-LLM method in effect (``None``: none, or no budget)."""

@@ -1,0 +1,68 @@
+"""Any method at any budget, for a model described by its sizes alone: the one solver that
+the model hook (``configure_pruning``), the profiler and the benchmark share.
+
+``solve_method(method, budget, num_layers, grid, tower_layers_run)`` returns the decoder's
+``VisionSchedule`` (tokens per layer, the paper's accounting) and, for a pre-LLM method, its
+``PreLlmPlan``. Prune layers default per method (``default_prune_layers_for``): ADSC's for
+``adsc`` and ``pdrop``, FastV's K for ``fastv``, none for the pre-LLM ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .fastv import DEFAULT_FASTV_LAYER
+from .methods import PRUNE_METHODS, is_pre_llm
+from .prellm import PreLlmPlan, pre_llm_schedule, solve_pre_llm
+from .schedule import ScheduleError, VisionSchedule, default_prune_layers, solve_drop_ratio
+
+__all__ = ["MethodSchedule", "default_prune_layers_for", "solve_method"]
+
+
+@dataclass(frozen=True)
+class MethodSchedule:
+    method: str
+    budget: float
+    schedule: VisionSchedule
+    pre_llm: PreLlmPlan | None = None
+
+    @property
+    def kept_after_last_stage(self) -> int:
+        return self.schedule.stage_tokens[-1]
+
+
+def default_prune_layers_for(method: str, num_layers: int) -> tuple[int, ...]:
+    if method == "fastv":
+        return (DEFAULT_FASTV_LAYER,)
+    if is_pre_llm(method):
+        return ()
+    return default_prune_layers(num_layers)
+
+
+def solve_method(method: str, budget: float, num_layers: int, grid: tuple[int, int], tower_layers_run: int,
+                 prune_layers: Sequence[int] | None = None) -> MethodSchedule:
+    """The schedule meeting ``budget`` (mean vision tokens per decoder layer) by ``method``;
+    errors name the method, the request and what is reachable."""
+    if method not in PRUNE_METHODS:
+        raise ScheduleError(f"unknown prune method {method!r}; known: {', '.join(PRUNE_METHODS)}")
+    if is_pre_llm(method):
+        if prune_layers:
+            raise ScheduleError(f"prune method {method} reduces the image's tokens before the language model; "
+                                f"it takes no prune layers (got {list(prune_layers)})")
+        try:
+            plan = solve_pre_llm(method, budget, tuple(grid), tower_layers_run)
+        except ScheduleError as error:
+            message = str(error)
+            raise ScheduleError(message if message.startswith("prune method") else
+                                f"prune method {method}: {message}") from None
+        return MethodSchedule(method, float(budget), pre_llm_schedule(plan, num_layers), plan)
+    layers = default_prune_layers_for(method, num_layers) if prune_layers is None else tuple(prune_layers)
+    if method == "fastv" and (len(layers) != 1 or layers[0] < 1):
+        raise ScheduleError(f"prune method fastv drops once, at one layer K >= 1 (it ranks by layer K-1's "
+                            f"attention); got prune layers {list(layers)}")
+    try:
+        schedule = solve_drop_ratio(num_layers, grid[0] * grid[1], layers, budget)
+    except ScheduleError as error:
+        raise ScheduleError(f"prune method {method}: {error}") from None
+    return MethodSchedule(method, float(budget), schedule)

@@ -1,0 +1,394 @@
+"""Measured efficiency of every pruning method beside its analytic cost: ``python -m llava.bench``.
+
+In ONE process and one run, for the full model and every method at every budget:
+
+* ``prefill_ms``: the language model's prefill (spliced prompt in, last-position logits
+  out), median of ``--repeats`` after a warm-up, device-synchronised; the repeats go round
+  all settings in turn, so load bursts on a shared machine hit every setting alike;
+* ``ttft_ms``: time to first token (vision tower + projector + splice + prefill + logits);
+* ``decode_tokens_per_s``: ``new_tokens - 1`` greedy steps after a prefill, fed one token
+  at a time against the cache (batch x steps over their time);
+* ``measured_kv_bytes``: bytes of the real cache tensors after those steps, beside
+  ``predicted_kv_bytes`` from ``adsc_patch.profile`` (equal-length prompts, so no padding);
+* ``peak_memory_bytes``: peak device memory of the generation (CUDA only);
+* ``train_step_ms`` (``--train-step``): one LoRA step (forward + backward) at the budget;
+* the analytic ratios (prefill FLOPs, time-to-first-token FLOPs) beside the measured ones.
+
+Weights are random at a real model's shape (``--shape llava-1.5-7b``); ``--layers`` and
+``--width-scale`` shrink it to fit a small machine while keeping 576 vision tokens and the
+prune layers at their relative depths. Writes ``bench.json`` (rows + machine, versions and
+settings), ``bench.md`` and ``bench.png`` (time and KV against mean vision tokens, one line
+per method). ``--smoke`` runs a tiny shape end to end in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from adsc_patch import PRUNE_METHODS, ScheduleError, compat
+from adsc_patch.cache import cache_nbytes
+from adsc_patch.profile import PRESETS, ModelShape, Workload, model_cost
+
+from .cli import InputError, run_command
+from .eval.io import write_json_atomic, write_text_atomic
+
+logger = logging.getLogger("llava.bench")
+
+IMAGE_TOKEN = -200
+SMOKE = dict(layers=8, hidden=64, intermediate=128, heads=4, kv_heads=4, vocab=512, tower_layers=4, tower_hidden=32,
+             tower_intermediate=64, tower_heads=2, image_size=24, patch_size=4)  # 36 vision tokens
+
+
+def _shape_sizes(args) -> dict:
+    """Decoder and tower sizes of the run (a preset scaled by ``--layers`` / ``--width-scale``)."""
+    if args.smoke:
+        return dict(SMOKE)
+    shape = PRESETS[args.shape]
+    d, t, scale = shape.decoder, shape.tower, args.width_scale
+    heads = max(1, round(d.num_heads * scale))
+    return dict(layers=args.layers or d.num_layers, hidden=heads * d.head_dim, intermediate=round(d.intermediate_size * scale),
+                heads=heads, kv_heads=max(1, round(d.num_kv_heads * scale)), vocab=d.vocab_size,
+                tower_layers=t.num_layers, tower_hidden=max(64, round(t.hidden_size * scale / 64) * 64),
+                tower_intermediate=round(t.intermediate_size * scale), tower_heads=max(1, round(16 * scale)),
+                image_size=t.grid * t.patch_size, patch_size=t.patch_size)
+
+
+def build_model(sizes: dict, attention: str, dtype: torch.dtype, device: str):
+    """A random-weight ``LlavaLlamaForCausalLM`` of these sizes (no checkpoint needed)."""
+    from transformers import CLIPVisionConfig
+
+    from .model import LlavaConfig, LlavaLlamaForCausalLM
+
+    vision = CLIPVisionConfig(hidden_size=sizes["tower_hidden"], intermediate_size=sizes["tower_intermediate"],
+                              num_hidden_layers=sizes["tower_layers"], num_attention_heads=sizes["tower_heads"],
+                              image_size=sizes["image_size"], patch_size=sizes["patch_size"])
+    config = LlavaConfig(hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"],
+                         num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
+                         num_key_value_heads=sizes["kv_heads"], vocab_size=sizes["vocab"],
+                         max_position_embeddings=4096, mm_vision_tower="random-clip",
+                         mm_vision_config=vision.to_dict(), mm_hidden_size=vision.hidden_size,
+                         mm_projector_type="mlp2x_gelu")
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    model = LlavaLlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model.get_vision_tower().vision_tower.config._attn_implementation = "sdpa" if attention != "eager" else "eager"
+    return model
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn, repeats: int, device: str) -> float:
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i:  # the first call warms up
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _inputs(model, batch: int, text_tokens: int, device: str):
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randint(3, model.config.vocab_size, (batch, text_tokens), generator=generator)
+    ids = torch.cat([text[:, :1], torch.full((batch, 1), IMAGE_TOKEN), text[:, 1:]], dim=1).to(device)
+    size = model.get_vision_tower().config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=generator).to(device, model.dtype)
+    return ids, torch.ones_like(ids), pixels
+
+
+def _configure(model, method: str | None, budget: float | None) -> None:
+    if method is None:
+        model.configure_pruning(method="adsc", prune_layers=[], drop_ratio=0.0)
+    else:
+        model.configure_pruning(method=method, vision_token_budget=budget, prune_layers=None)
+
+
+class Setting:
+    """One (method, budget, batch) on one model: its inputs, built once, and its timed calls."""
+
+    def __init__(self, model, shape: ModelShape, method: str | None, budget: float | None, batch: int, args):
+        self.model, self.shape, self.method, self.budget, self.batch, self.args = model, shape, method, budget, batch, args
+        self.ids, self.mask, self.pixels = _inputs(model, batch, args.text_tokens, args.device)
+        self.apply()
+        with torch.inference_mode():
+            self.spliced = model.prepare_inputs_labels_for_multimodal(self.ids, self.mask, None, self.pixels)
+        self.prefill_times: list[float] = []
+        self.ttft_times: list[float] = []
+
+    def apply(self) -> None:
+        _configure(self.model, self.method, self.budget)
+
+    def prefill(self):
+        s = self.spliced
+        out = self.model.model(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
+                               vision_mask=s.vision_mask, use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[:, -1:]), compat.output_cache(out)
+
+    def first_token(self):
+        return self.model(input_ids=self.ids, attention_mask=self.mask, images=self.pixels, use_cache=True,
+                          logits_to_keep=1)
+
+    def decode_ms(self) -> tuple[float, int]:
+        """Wall time of the ``new_tokens - 1`` steps after a prefill, and the cache's bytes after them."""
+        logits, cache = self.prefill()
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        mask = self.spliced.attention_mask
+        _sync(self.args.device)
+        start = time.perf_counter()
+        for _ in range(self.args.new_tokens - 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.model(input_ids=token, attention_mask=mask, use_cache=True, **compat.cache_kwargs(cache))
+            cache = compat.output_cache(out)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(self.args.device)
+        return 1000 * (time.perf_counter() - start), cache_nbytes(cache)
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return 1000 * (time.perf_counter() - start)
+
+
+def measure_all(settings: list[Setting], args, bar) -> list[dict]:
+    """Time every setting; the repeats go round all settings in turn, so a burst of load on a
+    shared machine lands on every setting alike (ratios are read within one run)."""
+    device = args.device
+    rows = []
+    with torch.inference_mode():
+        for setting in settings:  # warm-up, the cache and the decode
+            setting.apply()
+            setting.prefill()
+            setting.first_token()
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            setting.decode_time, setting.measured_kv = setting.decode_ms()
+            setting.peak_memory = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+        for _ in range(args.repeats):
+            for setting in settings:
+                setting.apply()
+                setting.prefill_times.append(_timed(setting.prefill, device))
+                setting.ttft_times.append(_timed(setting.first_token, device))
+    for setting in settings:
+        setting.apply()
+        method, budget, batch, model = setting.method, setting.budget, setting.batch, setting.model
+        workload = Workload(args.text_tokens, 1, args.new_tokens, batch, torch.finfo(model.dtype).bits // 8)
+        cost = model_cost(setting.shape, method, budget, workload)
+        steps = args.new_tokens - 1
+        row = {
+            "method": method or "full", "budget": budget, "batch": batch,
+            "attention": model.config._attn_implementation,
+            "mean_vision_tokens": cost.mean_vision_tokens, "kept_after_last_stage": cost.kept_after_last_stage,
+            "prefill_ms": statistics.median(setting.prefill_times), "ttft_ms": statistics.median(setting.ttft_times),
+            "decode_tokens_per_s": batch * steps / (setting.decode_time / 1000) if steps else None,
+            "measured_kv_bytes": setting.measured_kv, "predicted_kv_bytes": cost.kv_peak_bytes,
+            "peak_memory_bytes": setting.peak_memory,
+            "prefill_flops": cost.prefill_flops + cost.scoring_flops,
+            "ttft_flops": cost.tower_flops + cost.projector_flops + cost.scoring_flops + cost.prefill_flops,
+        }
+        if args.train_step:
+            row["train_step_ms"] = _train_step_ms(model, method, setting.ids, setting.mask, setting.pixels, args)
+        rows.append(row)
+        bar.update()
+    return rows
+
+
+def _train_step_ms(model, method, ids, mask, pixels, args) -> float:
+    """One LoRA step (forward + backward) with the answer as the last quarter of the text."""
+    from peft import LoraConfig, get_peft_model
+
+    labels = ids.clone()
+    labels[:, : ids.shape[1] - max(1, args.text_tokens // 4)] = -100
+    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                 "o_proj", "gate_proj", "up_proj",
+                                                                                 "down_proj"],
+                                            exclude_modules=r".*vision_tower.*"))
+    lora.train()
+
+    def step():
+        loss = lora(input_ids=ids, attention_mask=mask, images=pixels, labels=labels, use_cache=False).loss
+        loss.backward()
+        lora.zero_grad(set_to_none=True)
+
+    try:
+        return _median_ms(step, max(1, args.repeats // 2), args.device)
+    finally:
+        lora.unload()
+        model.eval()
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's measured and analytic ratios to the full model of its batch and attention."""
+    full = {(r["batch"], r["attention"]): r for r in rows if r["method"] == "full"}
+    for r in rows:
+        base = full[(r["batch"], r["attention"])]
+        r["prefill_relative"] = 100 * r["prefill_ms"] / base["prefill_ms"]
+        r["prefill_analytic_relative"] = 100 * r["prefill_flops"] / base["prefill_flops"]
+        # how much of the analytic speed-up the measurement reaches (100: all of it)
+        gain, limit = base["prefill_ms"] / r["prefill_ms"], base["prefill_flops"] / r["prefill_flops"]
+        r["prefill_speedup"], r["prefill_speedup_of_analytic"] = gain, 100 * (gain - 1) / (limit - 1) if limit > 1 else None
+        r["ttft_relative"] = 100 * r["ttft_ms"] / base["ttft_ms"]
+        r["ttft_analytic_relative"] = 100 * r["ttft_flops"] / base["ttft_flops"]
+        r["kv_relative"] = 100 * r["measured_kv_bytes"] / base["measured_kv_bytes"]
+        if "train_step_ms" in r:
+            r["train_step_relative"] = 100 * r["train_step_ms"] / base["train_step_ms"]
+
+
+def markdown(rows: list[dict], header: dict) -> str:
+    cols = ["attention", "batch", "method", "budget", "mean vision tokens", "prefill ms", "rel. (%)",
+            "analytic (%)", "of analytic speed-up (%)", "TTFT ms", "rel. (%)", "analytic (%)", "decode tok/s",
+            "KV MB (measured = predicted)", "rel. (%)"]
+    train = any("train_step_ms" in r for r in rows)
+    if train:
+        cols += ["train step ms", "rel. (%)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+
+    def num(x, fmt="{:.1f}"):
+        return "—" if x is None else fmt.format(x)
+
+    for r in rows:
+        same = "=" if r["measured_kv_bytes"] == r["predicted_kv_bytes"] else "!="
+        cells = [r["attention"], str(r["batch"]), r["method"], num(r["budget"], "{:g}"), num(r["mean_vision_tokens"]),
+                 num(r["prefill_ms"]), num(r["prefill_relative"]), num(r["prefill_analytic_relative"]),
+                 num(r["prefill_speedup_of_analytic"], "{:.0f}"), num(r["ttft_ms"]), num(r["ttft_relative"]),
+                 num(r["ttft_analytic_relative"]), num(r["decode_tokens_per_s"]),
+                 f"{r['measured_kv_bytes'] / 1e6:.2f} {same}", num(r["kv_relative"])]
+        if train:
+            cells += [num(r.get("train_step_ms")), num(r.get("train_step_relative"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    h = header
+    lines += ["", f"{h['shape']}, {h['dtype']} on {h['device_name']}; {h['text_tokens']} text tokens + one image, "
+              f"{h['new_tokens']} generated tokens; medians of {h['repeats']} after a warm-up; torch "
+              f"{h['versions']['torch']}, transformers {h['versions']['transformers']}. `python -m llava.bench "
+              f"{h['argv']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = rows[0]
+    chosen = [r for r in rows if r["batch"] == first["batch"] and r["attention"] == first["attention"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    by_method: dict[str, list] = {}
+    for r in chosen:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, points in by_method.items():
+        points.sort(key=lambda r: r["mean_vision_tokens"])
+        x = [p["mean_vision_tokens"] for p in points]
+        marker = "*" if method == "full" else "o"
+        left.plot(x, [p["prefill_ms"] for p in points], marker=marker, label=method)
+        right.plot(x, [p["measured_kv_bytes"] / 1e6 for p in points], marker=marker, label=method)
+    left.set(xlabel="mean vision tokens per layer", ylabel="prefill (ms)",
+             title=f"prefill, batch {first['batch']}, {first['attention']}")
+    right.set(xlabel="mean vision tokens per layer", ylabel="KV cache after generation (MB)", title="KV cache")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _list(text: str, kind=str) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llava.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llava-1.5-7b", choices=sorted(PRESETS))
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    parser.add_argument("--width-scale", type=float, default=1.0, help="scale widths and heads (head size kept)")
+    parser.add_argument("--methods", default=",".join(PRUNE_METHODS), help="comma-separated; full is always run")
+    parser.add_argument("--budgets", default="192,128,64", help="mean vision tokens per decoder layer")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--attention", default="sdpa", help="comma-separated: eager, sdpa, flash_attention_2")
+    parser.add_argument("--text-tokens", type=int, default=60)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--train-step", action="store_true", help="also time one LoRA training step per setting")
+    parser.add_argument("--smoke", action="store_true", help="a tiny shape (36 vision tokens), seconds on a CPU")
+    parser.add_argument("--out", default="bench", help="folder for bench.json, bench.md, bench.png")
+    parser.add_argument("--json", default=None, help="also write the rows to this path")
+    return parser
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    methods = _list(args.methods)
+    unknown = [m for m in methods if m not in PRUNE_METHODS]
+    if unknown:
+        raise InputError(f"--methods: unknown {unknown}; known: {', '.join(PRUNE_METHODS)}")
+    budgets = _list(args.budgets, float)
+    if args.smoke:  # 36 vision tokens: the analogs of 192 / 128 / 64 that 8 layers can reach
+        budgets = [18.0, 12.0, 10.0] if budgets == [192, 128, 64] else budgets
+        args.repeats, args.new_tokens = 1, min(args.new_tokens, 3)
+        args.batches = "1,2" if args.batches == "1,8" else args.batches
+    sizes = _shape_sizes(args)
+    combos = [(None, None)] + [(m, b) for m in methods for b in budgets]
+    rows = []
+    attentions, batches = _list(args.attention), _list(args.batches, int)
+    with tqdm(total=len(attentions) * len(batches) * len(combos), desc="bench") as bar:
+        for attention in attentions:
+            model = build_model(sizes, attention, dtype, args.device)
+            shape = ModelShape.from_config(model.config)
+            for batch in batches:
+                try:
+                    settings = [Setting(model, shape, method, budget, batch, args) for method, budget in combos]
+                except ScheduleError as error:
+                    raise InputError(str(error)) from None
+                bar.set_postfix_str(f"{attention}, batch {batch}")
+                rows += measure_all(settings, args, bar)
+            del model
+    add_ratios(rows)
+    header = {
+        "shape": f"{'smoke' if args.smoke else args.shape} ({sizes['layers']} layers, hidden {sizes['hidden']}, "
+                 f"{sizes['heads']} heads, MLP {sizes['intermediate']}; tower {sizes['tower_layers']} x "
+                 f"{sizes['tower_hidden']}, {(sizes['image_size'] // sizes['patch_size']) ** 2} vision tokens)",
+        "sizes": sizes, "dtype": str(dtype).removeprefix("torch."), "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+        "argv": " ".join(argv),
+    }
+    summary = {"header": header, "rows": rows, "markdown": markdown(rows, header)}
+    os.makedirs(args.out, exist_ok=True)
+    write_json_atomic(os.path.join(args.out, "bench.json"), summary)
+    write_text_atomic(os.path.join(args.out, "bench.md"), summary["markdown"])
+    plot(os.path.join(args.out, "bench.png"), rows)
+    if args.json:
+        write_json_atomic(args.json, rows)
+    print(summary["markdown"])
+    return summary
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -1,0 +1,47 @@
+"""``python -m llava.bench`` end to end in its smoke mode: every method, two batch sizes, both
+attention backends; the KV bytes read off the real caches equal the profile's prediction."""
+
+import json
+
+import pytest
+
+from adsc_patch import PRUNE_METHODS
+from llava import bench
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    summary = bench.main(["--smoke", "--out", str(out), "--json", str(out / "rows.json"), "--budgets", "18,10",
+                          "--attention", "sdpa,eager", "--train-step"])
+    return out, summary
+
+
+def test_writes_json_table_and_plot_with_the_machine_and_settings(smoke):
+    out, summary = smoke
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "bench.md").read_text() == summary["markdown"]
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["header"]["versions"]["torch"] and saved["header"]["device"] == "cpu"
+    rows = json.loads((out / "rows.json").read_text())
+    assert rows == saved["rows"]
+    settings = {(r["attention"], r["batch"], r["method"], r["budget"]) for r in rows}
+    expected = {(a, b, m, x) for a in ("sdpa", "eager") for b in (1, 2) for m in PRUNE_METHODS for x in (18.0, 10.0)}
+    assert expected | {(a, b, "full", None) for a in ("sdpa", "eager") for b in (1, 2)} == settings
+    for row in rows:
+        assert {"method", "budget", "batch", "prefill_ms", "measured_kv_bytes", "predicted_kv_bytes"} <= set(row)
+        assert row["prefill_ms"] > 0 and row["ttft_ms"] > 0 and row["train_step_ms"] > 0
+
+
+def test_measured_kv_bytes_equal_the_prediction_for_every_method_budget_and_batch(smoke):
+    _, summary = smoke
+    for row in summary["rows"]:
+        assert row["measured_kv_bytes"] == row["predicted_kv_bytes"], row
+    by = {(r["attention"], r["batch"], r["method"], r["budget"]): r for r in summary["rows"]}
+    assert by[("sdpa", 2, "adsc", 10.0)]["measured_kv_bytes"] < by[("sdpa", 2, "adsc", 18.0)]["measured_kv_bytes"] \
+        < by[("sdpa", 2, "full", None)]["measured_kv_bytes"]
+    assert by[("sdpa", 2, "full", None)]["measured_kv_bytes"] == 2 * by[("sdpa", 1, "full", None)]["measured_kv_bytes"]
+    assert abs(by[("eager", 1, "pool", 10.0)]["mean_vision_tokens"] - 10) <= 1
+    assert by[("sdpa", 1, "full", None)]["prefill_relative"] == 100
