@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv if absent (the locked CPU stack, requirements/lock-cpu.txt), install, and run
 # the main job on its default: the playground study (the ADSC paper's Tables I-IV and
-# Figure 2 in miniature, on real handwritten digits; about 20 minutes on a 2-core CPU).
+# Figure 2 in miniature, on real handwritten digits; about 25 minutes on a 2-core CPU).
 # Results: playground/runs/default/results.md.
 # Arguments go to the study, e.g. `bash scripts/quickstart.sh --smoke` (a few minutes),
 # `--seeds 0,1,2` (each ADSC fine-tune with three seeds: mean and range), `--ablations`
