@@ -167,8 +167,9 @@ def _timed(fn, device: str) -> float:
 
 
 def measure_all(settings: list[Setting], args, bar) -> list[dict]:
-    """Time every setting; the repeats go round all settings in turn, so a burst of load on a
-    shared machine lands on every setting alike (ratios are read within one run)."""
+    """Time every setting; the repeats go round all settings in turn, each round from another
+    start, so a burst of load on a shared machine, or what the previous setting left in the
+    caches and the allocator, lands on every setting alike (ratios are read within one run)."""
     device = args.device
     rows = []
     with torch.inference_mode():
@@ -180,8 +181,9 @@ def measure_all(settings: list[Setting], args, bar) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             setting.decode_time, setting.measured_kv = setting.decode_ms()
             setting.peak_memory = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-        for _ in range(args.repeats):
-            for setting in settings:
+        for round_ in range(args.repeats):
+            start = round_ % len(settings)  # each round starts elsewhere: no setting always follows the same one
+            for setting in settings[start:] + settings[:start]:
                 setting.apply()
                 setting.prefill_times.append(_timed(setting.prefill, device))
                 setting.ttft_times.append(_timed(setting.first_token, device))
