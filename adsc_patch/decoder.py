@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from . import compat
+from . import compat, fastv
 from .methods import IN_LLM_METHODS, PRE_LLM_METHODS, PRUNE_METHODS, SCORE_LAYER
 from .scores import last_query_mask, query_attention, top_k_per_image
 from .schedule import ScheduleError, VisionSchedule, vision_schedule
@@ -92,11 +92,8 @@ class AdscPlan:
                                 "language model, not in the decoder loop")
         if self.method not in IN_LLM_METHODS:
             raise ScheduleError(f"unknown prune method {self.method!r}; known: {', '.join(PRUNE_METHODS)}")
-        if self.method == "fastv" and self.prune_layers and (len(self.prune_layers) != 1 or self.prune_layers[0] < 1):
-            raise ScheduleError(
-                f"prune method fastv drops once, at the input of one layer K >= 1 (it ranks by the attention "
-                f"of layer K-1); got prune layers {list(self.prune_layers)}"
-            )
+        if self.method == "fastv" and self.prune_layers:
+            fastv.check_prune_layers(self.prune_layers)
         object.__setattr__(self, "prune_layers", tuple(self.prune_layers))
         if self.grid is not None:
             object.__setattr__(self, "grid", tuple(self.grid))

@@ -10,9 +10,19 @@ shared schedule (``floor((1 - r) * N)``, solved for a budget like ADSC's).
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_FASTV_LAYER", "score_layer"]
+from .schedule import ScheduleError
+
+__all__ = ["DEFAULT_FASTV_LAYER", "check_prune_layers", "score_layer"]
 
 DEFAULT_FASTV_LAYER = 2  # FastV's K: prune at the input of layer 2 ("1/2 tokens after layer 2")
+
+
+def check_prune_layers(prune_layers) -> None:
+    """FastV prunes once, at one layer ``K >= 1``; anything else raises ``ScheduleError``."""
+    layers = list(prune_layers)
+    if len(layers) != 1 or layers[0] < 1:
+        raise ScheduleError(f"prune method fastv drops once, at one layer K >= 1 (it ranks by layer K-1's "
+                            f"attention); got prune layers {layers}")
 
 
 def score_layer(prune_layer: int) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .fastv import DEFAULT_FASTV_LAYER
+from .fastv import DEFAULT_FASTV_LAYER, check_prune_layers
 from .methods import PRUNE_METHODS, is_pre_llm
 from .prellm import PreLlmPlan, pre_llm_schedule, solve_pre_llm
 from .schedule import ScheduleError, VisionSchedule, default_prune_layers, solve_drop_ratio
@@ -58,9 +58,8 @@ def solve_method(method: str, budget: float, num_layers: int, grid: tuple[int, i
                                 f"prune method {method}: {message}") from None
         return MethodSchedule(method, float(budget), pre_llm_schedule(plan, num_layers), plan)
     layers = default_prune_layers_for(method, num_layers) if prune_layers is None else tuple(prune_layers)
-    if method == "fastv" and (len(layers) != 1 or layers[0] < 1):
-        raise ScheduleError(f"prune method fastv drops once, at one layer K >= 1 (it ranks by layer K-1's "
-                            f"attention); got prune layers {list(layers)}")
+    if method == "fastv":
+        check_prune_layers(layers)
     try:
         schedule = solve_drop_ratio(num_layers, grid[0] * grid[1], layers, budget)
     except ScheduleError as error:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from adsc_patch import PRUNE_METHODS, ScheduleError, default_prune_layers, kept_tokens, vision_schedule
-from adsc_patch.fastv import DEFAULT_FASTV_LAYER
+from adsc_patch import ScheduleError, kept_tokens, vision_schedule
+from adsc_patch.solve import default_prune_layers_for
 from adsc_patch.methods import is_pre_llm
 from llava.cli import InputError, MissingDependencyError, run_command
 from llava.model import LlavaConfig, LlavaLlamaForCausalLM
@@ -185,9 +185,10 @@ def _method_prune_layers(adsc: AdscArguments, config) -> list[int]:
             raise InputError(f"--prune_method {adsc.prune_method} reduces the image before the language model: "
                              f"drop --prune_layers {adsc.prune_layers}")
         return []
+    default = list(default_prune_layers_for(adsc.prune_method, config.num_hidden_layers))
     if adsc.prune_method == "fastv":
-        return given or (list(config.prune_layers) if len(config.prune_layers) == 1 else [DEFAULT_FASTV_LAYER])
-    return given or list(config.prune_layers) or list(default_prune_layers(config.num_hidden_layers))
+        return given or (list(config.prune_layers) if len(config.prune_layers) == 1 else default)
+    return given or list(config.prune_layers) or default
 
 
 def _target_budget(model, adsc: AdscArguments, layers: list[int]) -> float:

@@ -44,7 +44,7 @@ from adsc_patch import (
     vision_schedule,
 )
 from adsc_patch import compat
-from adsc_patch.fastv import DEFAULT_FASTV_LAYER
+from adsc_patch.fastv import DEFAULT_FASTV_LAYER, check_prune_layers
 from adsc_patch.methods import is_pre_llm
 from adsc_patch.tome import layers_run
 from adsc_patch.prellm import PreLlmPlan, pre_llm_schedule, pre_llm_trace, reduce_images
@@ -336,9 +336,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         elif prune_layers is None and not layers and asks_pruning:
             layers = list(default_prune_layers(n_layers))
             logger.info("no prune layers given or saved: using the default layers %s", layers)
-        if method == "fastv" and layers and (len(layers) != 1 or layers[0] < 1):
-            raise ScheduleError(f"prune method fastv drops once, at one layer K >= 1 (it ranks by layer K-1's "
-                                f"attention); got prune layers {layers}")
+        if method == "fastv" and layers:
+            check_prune_layers(layers)
         if drop_ratio is None and vision_token_budget is None and layers:
             vision_token_budget = self.config.vision_token_budget
         try:
@@ -372,8 +371,6 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             budget = vision_token_budget
         else:
             budget = self.config.vision_token_budget
-        if prune_layers is not None and budget is None and vision_token_budget is None:
-            budget = None  # prune_layers=[] with nothing else: off
         plan = self._solve_pre_llm(method, budget) if budget is not None else None
         self.config.prune_layers = []
         self.config.drop_ratio = 0.0
