@@ -22,15 +22,18 @@ CORE = [
 ]
 
 PLAYGROUND = ["scikit-learn>=1.4", "matplotlib>=3.8"]
+DEMO = ["gradio>=5", "pillow<13"]
 
 EXTRAS = {
     "train": ["deepspeed>=0.16", "bitsandbytes>=0.45"],
-    "demo": ["gradio>=5", "pillow<13"],
+    "demo": DEMO,
     "flash": ["flash-attn>=2.6"],
     "playground": PLAYGROUND,
     # deepspeed: the tests run the ZeRO-3 recipe in one CPU process; bitsandbytes: 4/8-bit
-    # loading and a QLoRA step are tested on the CPU
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "deepspeed>=0.16", "bitsandbytes>=0.45", *PLAYGROUND],
+    # loading and a QLoRA step are tested on the CPU; gradio and playwright (driving the
+    # system's Chromium, no browser download): the demo's API and browser tests
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "deepspeed>=0.16", "bitsandbytes>=0.45", *PLAYGROUND, *DEMO,
+            "playwright>=1.50"],
 }
 
 setup(

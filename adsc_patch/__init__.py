@@ -10,6 +10,7 @@ models we did not write (``patch``); transformers' version-dependent names live 
 
 from . import compat
 from .decoder import (
+    ADSC_TRACE_ATTR,
     AdscPlan,
     PrunedDecoderOutput,
     PruningTrace,
@@ -32,6 +33,7 @@ from .schedule import (
 from .select import keep_sets
 
 __all__ = [
+    "ADSC_TRACE_ATTR",
     "IN_LLM_METHODS",
     "PRE_LLM_METHODS",
     "PRUNE_METHODS",

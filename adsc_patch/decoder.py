@@ -52,6 +52,7 @@ __all__ = [
     "PruningTrace",
     "PrefillState",
     "ADSC_STATE_ATTR",
+    "ADSC_TRACE_ATTR",
     "image_spans",
     "pruned_decoder_forward",
     "compact_labels",
@@ -60,6 +61,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ADSC_STATE_ATTR = "_adsc_prefill_state"
+ADSC_TRACE_ATTR = "_adsc_trace"  # the prefill's PruningTrace on its cache: per request, unlike decoder.adsc_trace
 
 @dataclass(frozen=True)
 class AdscPlan:
@@ -374,7 +376,7 @@ def pruned_decoder_forward(
     Returns:
         ``PrunedDecoderOutput``: hidden states of the last stage's slots (``B, T_out, D``)
         and ``token_positions`` mapping them to input positions. The trace of a prefill
-        is stored as ``decoder.adsc_trace``.
+        is stored as ``decoder.adsc_trace`` and, with a cache, on the cache (``ADSC_TRACE_ATTR``).
     """
     _pop_output_flags(kwargs)
     config = decoder.config
@@ -483,13 +485,16 @@ def pruned_decoder_forward(
             ADSC_STATE_ATTR,
             PrefillState(length, tuple(first for first, _ in schedule_bounds), stage_masks),
         )
-    decoder.adsc_trace = PruningTrace(
+    trace = PruningTrace(
         prune_layers=plan.prune_layers,
         kept_vision_positions=kept_positions,
         tokens_per_layer=tokens_per_layer,
         padded_length_per_layer=padded_lengths,
         token_positions=slot_index.detach().cpu(),
     )
+    decoder.adsc_trace = trace
+    if cache is not None:
+        setattr(cache, ADSC_TRACE_ATTR, trace)
     return PrunedDecoderOutput(
         last_hidden_state=hidden,
         token_positions=slot_index,

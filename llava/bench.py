@@ -12,6 +12,13 @@ In ONE process and one run, for the full model and every method at every budget:
   ``predicted_kv_bytes`` from ``adsc_patch.profile`` (equal-length prompts, so no padding);
 * ``peak_memory_bytes``: peak device memory of the generation (CUDA only);
 * ``train_step_ms`` (``--train-step``): one LoRA step (forward + backward) at the budget;
+* ``layer_replay_ms``: one decoder layer timed alone at each layer's sequence length (read
+  off the ``PruningTrace``), summed over the layers, in the same rounds: what the prefill
+  would cost if the loop added nothing, on this machine's own cost per layer and length.
+  ``outside_layers_ms`` (prefill minus replay) is the loop, masks, gathers, norm and head;
+  the replay's ratio to the full model's is the speed-up this machine can give the
+  schedule, which differs from the FLOPs ratio where short sequences run at a lower rate
+  (fixed costs per layer call: dispatch on a CPU, kernel launches on a GPU);
 * the analytic ratios (prefill FLOPs, time-to-first-token FLOPs) beside the measured ones.
 
 Weights are random at a real model's shape (``--shape llava-1.5-7b``); ``--layers`` and
@@ -128,6 +135,15 @@ class Setting:
             self.spliced = model.prepare_inputs_labels_for_multimodal(self.ids, self.mask, None, self.pixels)
         self.prefill_times: list[float] = []
         self.ttft_times: list[float] = []
+        self.layer_lengths: list[int] = []
+
+    def read_layer_lengths(self) -> None:
+        """Each decoder layer's sequence length in the last prefill (its trace, if it pruned)."""
+        decoder = self.model.model
+        trace = decoder.adsc_trace if decoder.adsc_plan().enabled else None
+        length = self.spliced.inputs_embeds.shape[1]
+        self.layer_lengths = list(trace.padded_length_per_layer) if trace is not None else \
+            [length] * decoder.config.num_hidden_layers
 
     def apply(self) -> None:
         _configure(self.model, self.method, self.budget)
@@ -158,6 +174,56 @@ class Setting:
         return 1000 * (time.perf_counter() - start), cache_nbytes(cache)
 
 
+class LayerReplay:
+    """One decoder layer timed alone at given (batch, length), for ``layer_replay_ms``.
+
+    The input is what a stage's layer sees in a prefill of equal-length prompts: random
+    hidden states, the rotary embeddings of positions ``0..T-1`` and the causal mask of the
+    model's attention backend, no cache (a prefill's cache write is a copy of K and V).
+    """
+
+    CALLS = 4  # back-to-back calls per timing, so a short layer is above the timer's noise
+
+    def __init__(self, model, device: str):
+        from transformers.masking_utils import create_causal_mask
+
+        self.decoder, self.device = model.model, device
+        self.layer = self.decoder.layers[0]
+        self._create_mask = create_causal_mask
+        self.inputs: dict[tuple[int, int], tuple] = {}
+        self.times: dict[tuple[int, int], list[float]] = {}
+
+    def add(self, batch: int, lengths) -> None:
+        for length in set(lengths):
+            key = (batch, length)
+            if key in self.inputs:
+                continue
+            generator = torch.Generator().manual_seed(length)
+            hidden = torch.randn(batch, length, self.decoder.config.hidden_size, generator=generator)
+            hidden = hidden.to(self.device, self.decoder.embed_tokens.weight.dtype)
+            positions = torch.arange(length, device=self.device).expand(batch, -1)
+            mask = self._create_mask(config=self.decoder.config, inputs_embeds=hidden,
+                                     attention_mask=torch.ones(batch, length, dtype=torch.bool, device=self.device),
+                                     position_ids=positions, **compat.cache_kwargs(None))
+            self.inputs[key] = (hidden, mask, self.decoder.rotary_emb(hidden, position_ids=positions))
+            self.times[key] = []
+            self._call(key)  # warm-up
+
+    def _call(self, key) -> None:
+        hidden, mask, rotary = self.inputs[key]
+        for _ in range(self.CALLS):
+            self.layer(hidden, attention_mask=mask, position_embeddings=rotary)
+
+    def time_round(self) -> None:
+        for key in self.inputs:
+            self.times[key].append(_timed(lambda: self._call(key), self.device) / self.CALLS)
+
+    def total_ms(self, batch: int, lengths) -> float:
+        """Sum over the layers of the median time of one layer at that layer's length."""
+        median = {length: statistics.median(self.times[(batch, length)]) for length in set(lengths)}
+        return sum(median[length] for length in lengths)
+
+
 def _timed(fn, device: str) -> float:
     _sync(device)
     start = time.perf_counter()
@@ -172,10 +238,13 @@ def measure_all(settings: list[Setting], args, bar) -> list[dict]:
     caches and the allocator, lands on every setting alike (ratios are read within one run)."""
     device = args.device
     rows = []
+    replay = LayerReplay(settings[0].model, device)
     with torch.inference_mode():
         for setting in settings:  # warm-up, the cache and the decode
             setting.apply()
             setting.prefill()
+            setting.read_layer_lengths()
+            replay.add(setting.batch, setting.layer_lengths)
             setting.first_token()
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
@@ -187,6 +256,7 @@ def measure_all(settings: list[Setting], args, bar) -> list[dict]:
                 setting.apply()
                 setting.prefill_times.append(_timed(setting.prefill, device))
                 setting.ttft_times.append(_timed(setting.first_token, device))
+            replay.time_round()
     for setting in settings:
         setting.apply()
         method, budget, batch, model = setting.method, setting.budget, setting.batch, setting.model
@@ -198,6 +268,7 @@ def measure_all(settings: list[Setting], args, bar) -> list[dict]:
             "attention": model.config._attn_implementation,
             "mean_vision_tokens": cost.mean_vision_tokens, "kept_after_last_stage": cost.kept_after_last_stage,
             "prefill_ms": statistics.median(setting.prefill_times), "ttft_ms": statistics.median(setting.ttft_times),
+            "layer_lengths": setting.layer_lengths, "layer_replay_ms": replay.total_ms(batch, setting.layer_lengths),
             "decode_tokens_per_s": batch * steps / (setting.decode_time / 1000) if steps else None,
             "measured_kv_bytes": setting.measured_kv, "predicted_kv_bytes": cost.kv_peak_bytes,
             "peak_memory_bytes": setting.peak_memory,
@@ -245,6 +316,8 @@ def add_ratios(rows: list[dict]) -> None:
         # how much of the analytic speed-up the measurement reaches (100: all of it)
         gain, limit = base["prefill_ms"] / r["prefill_ms"], base["prefill_flops"] / r["prefill_flops"]
         r["prefill_speedup"], r["prefill_speedup_of_analytic"] = gain, 100 * (gain - 1) / (limit - 1) if limit > 1 else None
+        r["layer_replay_relative"] = 100 * r["layer_replay_ms"] / base["layer_replay_ms"]
+        r["outside_layers_ms"] = r["prefill_ms"] - r["layer_replay_ms"]
         r["ttft_relative"] = 100 * r["ttft_ms"] / base["ttft_ms"]
         r["ttft_analytic_relative"] = 100 * r["ttft_flops"] / base["ttft_flops"]
         r["kv_relative"] = 100 * r["measured_kv_bytes"] / base["measured_kv_bytes"]
@@ -254,8 +327,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 def markdown(rows: list[dict], header: dict) -> str:
     cols = ["attention", "batch", "method", "budget", "mean vision tokens", "prefill ms", "rel. (%)",
-            "analytic (%)", "of analytic speed-up (%)", "TTFT ms", "rel. (%)", "analytic (%)", "decode tok/s",
-            "KV MB (measured = predicted)", "rel. (%)"]
+            "analytic (%)", "of analytic speed-up (%)", "layer replay (%)", "outside layers ms", "TTFT ms", "rel. (%)",
+            "analytic (%)", "decode tok/s", "KV MB (measured = predicted)", "rel. (%)"]
     train = any("train_step_ms" in r for r in rows)
     if train:
         cols += ["train step ms", "rel. (%)"]
@@ -268,7 +341,8 @@ def markdown(rows: list[dict], header: dict) -> str:
         same = "=" if r["measured_kv_bytes"] == r["predicted_kv_bytes"] else "!="
         cells = [r["attention"], str(r["batch"]), r["method"], num(r["budget"], "{:g}"), num(r["mean_vision_tokens"]),
                  num(r["prefill_ms"]), num(r["prefill_relative"]), num(r["prefill_analytic_relative"]),
-                 num(r["prefill_speedup_of_analytic"], "{:.0f}"), num(r["ttft_ms"]), num(r["ttft_relative"]),
+                 num(r["prefill_speedup_of_analytic"], "{:.0f}"), num(r["layer_replay_relative"]),
+                 num(r["outside_layers_ms"], "{:+.0f}"), num(r["ttft_ms"]), num(r["ttft_relative"]),
                  num(r["ttft_analytic_relative"]), num(r["decode_tokens_per_s"]),
                  f"{r['measured_kv_bytes'] / 1e6:.2f} {same}", num(r["kv_relative"])]
         if train:

@@ -7,6 +7,9 @@
 # `--seeds 0,1,2` (each ADSC fine-tune with three seeds: mean and range), `--ablations`
 # (adds the training-regime and curriculum tables) or `--device cuda`.
 # `STACK=lowest bash scripts/quickstart.sh` runs it on the lowest supported transformers.
+# The demo extra comes too: afterwards `.venv/bin/python -m llava.serve.gradio_demo` serves the
+# fine-tuned model beside the full one (docs/demo.md).
 set -euo pipefail
-. "$(dirname "$0")/_venv.sh" playground
+. "$(dirname "$0")/_venv.sh" playground,demo
 python -m playground.study "$@"
+echo "[quickstart] to chat with the fine-tuned model beside the full one: .venv/bin/python -m llava.serve.gradio_demo"

@@ -14,10 +14,22 @@ run_suite() {  # STACK then pytest arguments; in a subshell so each stack has it
     shift
     . "$HERE/_venv.sh" dev
     echo "[test] stack $STACK: torch $(python -c 'import torch; print(torch.__version__)'), transformers $(python -c 'import transformers; print(transformers.__version__)')"
-    python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+    python -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 "$@"
   )
 }
 
+ensure_browser() {  # Debian's Chromium for the demo's browser test (skipped, saying why, without one)
+  command -v chromium >/dev/null 2>&1 && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test] installing Debian's chromium for the demo's browser test"
+    { apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; } >/dev/null 2>&1 \
+      || echo "[test] could not install chromium: the browser test will be skipped"
+  else
+    echo "[test] no chromium and not root: the browser test will be skipped (apt-get install chromium)"
+  fi
+}
+
+ensure_browser
 if [ -n "${STACK:-}" ] || [ $# -gt 0 ]; then
   run_suite "${STACK:-locked}" "$@"
   exit

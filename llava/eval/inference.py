@@ -247,9 +247,11 @@ def prompt_batch(questions: list[EvalQuestion], tokenizer, image_processor, mode
     return input_ids, mask, pixels
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The flags that choose and load the model (every inference entry point)."""
-    parser.add_argument("--model-path", required=True, help="checkpoint folder or hub id (offline: from the HF cache)")
+def add_model_args(parser: argparse.ArgumentParser, model_path_help: str | None = None) -> None:
+    """The flags that choose and load the model (every inference entry point); with
+    ``model_path_help`` (which says the default) ``--model-path`` is optional."""
+    parser.add_argument("--model-path", required=model_path_help is None, default=None,
+                        help=model_path_help or "checkpoint folder or hub id (offline: from the HF cache)")
     parser.add_argument("--model-base", default=None, help="base of a LoRA or projector-only checkpoint")
     parser.add_argument("--vision-tower", default=None, help="override the checkpoint's mm_vision_tower (folder or hub id)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

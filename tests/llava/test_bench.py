@@ -4,8 +4,10 @@ attention backends; the KV bytes read off the real caches equal the profile's pr
 import json
 
 import pytest
+import torch
 
 from adsc_patch import PRUNE_METHODS
+from adsc_patch.profile import ModelShape, Workload, model_cost
 from llava import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,3 +47,24 @@ def test_measured_kv_bytes_equal_the_prediction_for_every_method_budget_and_batc
     assert by[("sdpa", 2, "full", None)]["measured_kv_bytes"] == 2 * by[("sdpa", 1, "full", None)]["measured_kv_bytes"]
     assert abs(by[("eager", 1, "pool", 10.0)]["mean_vision_tokens"] - 10) <= 1
     assert by[("sdpa", 1, "full", None)]["prefill_relative"] == 100
+
+
+def test_layer_replay_uses_each_layers_length_from_the_trace_as_the_profile_predicts(smoke):
+    """The replay times one layer at the lengths the pruned prefill really ran (read off its
+    trace), which must equal the profile's independent per-layer count (text + the schedule's
+    vision tokens), and a shorter schedule replays in less time than the full model's."""
+    _, summary = smoke
+    sizes = summary["header"]["sizes"]
+    shape = ModelShape.from_config(bench.build_model(sizes, "sdpa", torch.float32, "cpu").config)
+    by = {(r["attention"], r["batch"], r["method"], r["budget"]): r for r in summary["rows"]}
+    for row in summary["rows"]:
+        cost = model_cost(shape, None if row["method"] == "full" else row["method"], row["budget"],
+                          Workload(summary["header"]["text_tokens"], 1, summary["header"]["new_tokens"], row["batch"], 4))
+        assert row["layer_lengths"] == list(cost.tokens_per_layer), row["method"]
+        assert row["layer_replay_ms"] > 0
+        assert row["outside_layers_ms"] == pytest.approx(row["prefill_ms"] - row["layer_replay_ms"])
+    full = by[("sdpa", 1, "full", None)]
+    assert full["layer_lengths"] == [96] * sizes["layers"]  # 60 text + 36 vision tokens
+    adsc = by[("sdpa", 1, "adsc", 10.0)]
+    assert adsc["layer_lengths"][0] == 96 and adsc["layer_lengths"][-1] < 70
+    assert adsc["layer_replay_relative"] < 100 == full["layer_replay_relative"]

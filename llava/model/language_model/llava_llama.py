@@ -21,6 +21,7 @@ Empty ``prune_layers`` or ``drop_ratio == 0`` runs transformers' own ``LlamaMode
 """
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from adsc_patch import (
+    ADSC_TRACE_ATTR,
     PRUNE_METHODS,
     AdscPlan,
     PruningTrace,
@@ -57,6 +59,7 @@ from ...constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..llava_arch import MultimodalInputs, assign_images_to_markers, image_markers_per_row, splice_image_features
 from ..multimodal_encoder.builder import build_vision_tower
 from ..multimodal_projector.builder import build_vision_projector
+from ..pruning_setting import PruningSetting, active_pruning, active_record, pruning_override
 
 logger = logging.getLogger(__name__)
 
@@ -150,19 +153,20 @@ class LlavaLlamaModel(LlamaModel):
         """The pruning plan the config asks for (a disabled plan when nothing is pruned in the
         decoder, which includes the pre-LLM methods)."""
         tower = self.get_vision_tower()
-        if is_pre_llm(self.config.prune_method):
+        setting = active_pruning(self.config)
+        if is_pre_llm(setting.prune_method):
             return AdscPlan()
         grid = None
         if tower is not None and tower.select_feature == "patch":
             side = tower.num_patches_per_side
             grid = (side, side)
         return AdscPlan(
-            prune_layers=tuple(self.config.prune_layers),
-            drop_ratio=self.config.drop_ratio,
-            selection=self.config.prune_selection,
+            prune_layers=setting.prune_layers,
+            drop_ratio=setting.drop_ratio,
+            selection=setting.prune_selection,
             tokens_per_image=tower.num_patches if tower is not None else None,
             grid=grid,
-            method=self.config.prune_method,
+            method=setting.prune_method,
         )
 
     def validate_pruning(self) -> None:
@@ -197,7 +201,7 @@ class LlavaLlamaModel(LlamaModel):
         compat.reject_stray_cache(kwargs, "LlavaLlamaModel.forward")
         plan = self.adsc_plan()
         if plan.enabled:
-            return pruned_decoder_forward(
+            outputs = pruned_decoder_forward(
                 self,
                 plan,
                 input_ids=input_ids,
@@ -210,6 +214,10 @@ class LlavaLlamaModel(LlamaModel):
                 query_mask=query_mask,
                 **kwargs,
             )
+            record, cache = active_record(self.config), compat.output_cache(outputs)
+            if record is not None and cache is not None and getattr(cache, ADSC_TRACE_ATTR, None) is not None:
+                record.trace = getattr(cache, ADSC_TRACE_ATTR)  # this call's own cache: no other request's
+            return outputs
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -294,7 +302,24 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         selection: str | None = None,
         method: str | None = None,
     ):
-        """Set the pruning schedule on the config (the one door used by training, eval and demo).
+        """Set the pruning schedule on the config (training, eval and the CLIs); the arguments
+        are ``resolve_pruning``'s. Returns the ``VisionSchedule`` in effect (``None`` without a
+        vision tower); a refused request changes nothing."""
+        setting, schedule = self.resolve_pruning(prune_layers, drop_ratio, vision_token_budget, selection, method)
+        setting.store(self.config)
+        return schedule
+
+    def resolve_pruning(
+        self,
+        prune_layers=None,
+        drop_ratio: float | None = None,
+        vision_token_budget: float | None = None,
+        selection: str | None = None,
+        method: str | None = None,
+    ) -> tuple[PruningSetting, object]:
+        """The ``PruningSetting`` (and its ``VisionSchedule``) a request means, changing nothing:
+        ``configure_pruning`` stores it on the config, ``generate(..., pruning=setting)`` and
+        ``pruned_as(setting)`` use it for one call (the demo serves two settings at once so).
 
         Give ``drop_ratio`` or ``vision_token_budget`` (solved for ``prune_layers``), not
         both; with neither, a budget saved in the config is solved again for the (possibly
@@ -308,9 +333,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         a saved multi-layer schedule gives way to ``[2]``; ``pdrop`` takes the default layers
         like ``adsc``; the pre-LLM methods (``tome``, ``visionzip``, ``pool``) take no prune
         layers, a budget (or a ratio, read as ``floor((1 - r) * N)`` tokens) of tokens per
-        image, and store it as ``vision_token_budget`` with ``prune_layers`` empty. Returns
-        the ``VisionSchedule`` in effect (``None`` without a vision tower); a refused request
-        changes nothing.
+        image, and store it as ``vision_token_budget`` with ``prune_layers`` empty. The saved
+        values are the config's (a setting active for the call does not change them).
         """
         if drop_ratio is not None and vision_token_budget is not None:
             raise ScheduleError("give drop_ratio or vision_token_budget, not both")
@@ -320,7 +344,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         if method not in PRUNE_METHODS:
             raise ScheduleError(f"unknown prune method {method!r}; known: {', '.join(PRUNE_METHODS)}")
         if is_pre_llm(method):
-            return self._configure_pre_llm(method, prune_layers, drop_ratio, vision_token_budget, selection)
+            return self._resolve_pre_llm(method, prune_layers, drop_ratio, vision_token_budget, selection)
         tower = self.get_vision_tower()
         layers = list(self.config.prune_layers if prune_layers is None else prune_layers)
         if prune_layers is None and layers and method != self.config.prune_method:
@@ -348,15 +372,11 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
                 schedule = vision_schedule(n_layers, n_tokens, layers, ratio)
         except ScheduleError as error:
             raise ScheduleError(f"prune method {method}: {error}") from None
-        self.config.prune_layers = list(schedule.prune_layers)
-        self.config.drop_ratio = schedule.drop_ratio
-        self.config.vision_token_budget = vision_token_budget
-        if selection is not None:
-            self.config.prune_selection = selection
-        self.config.prune_method = method
-        return schedule if tower is not None else None
+        setting = PruningSetting(tuple(schedule.prune_layers), schedule.drop_ratio, vision_token_budget,
+                                 selection or self.config.prune_selection, method)
+        return setting, (schedule if tower is not None else None)
 
-    def _configure_pre_llm(self, method, prune_layers, drop_ratio, vision_token_budget, selection):
+    def _resolve_pre_llm(self, method, prune_layers, drop_ratio, vision_token_budget, selection):
         if prune_layers:
             raise ScheduleError(f"prune method {method} reduces the image's tokens before the language model; "
                                 f"it takes no prune layers (got {list(prune_layers)})")
@@ -372,15 +392,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         else:
             budget = self.config.vision_token_budget
         plan = self._solve_pre_llm(method, budget) if budget is not None else None
-        self.config.prune_layers = []
-        self.config.drop_ratio = 0.0
-        self.config.vision_token_budget = budget
-        if selection is not None:
-            self.config.prune_selection = selection
-        self.config.prune_method = method
+        setting = PruningSetting((), 0.0, budget, selection or self.config.prune_selection, method)
         if plan is None:
-            return vision_schedule(self.config.num_hidden_layers, n_tokens, [], 0.0)
-        return pre_llm_schedule(plan, self.config.num_hidden_layers)
+            return setting, vision_schedule(self.config.num_hidden_layers, n_tokens, [], 0.0)
+        return setting, pre_llm_schedule(plan, self.config.num_hidden_layers)
 
     def _solve_pre_llm(self, method: str, budget: float) -> PreLlmPlan:
         return self._solve_method(method, budget).pre_llm
@@ -403,11 +418,12 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
 
     def pre_llm_plan(self) -> PreLlmPlan | None:
         """The plan of a pre-LLM method in effect (``None``: none, or no budget)."""
-        if not is_pre_llm(self.config.prune_method) or self.config.vision_token_budget is None:
+        setting = active_pruning(self.config)
+        if not is_pre_llm(setting.prune_method) or setting.vision_token_budget is None:
             return None
         if self.get_vision_tower() is None:
             return None
-        return self._solve_pre_llm(self.config.prune_method, self.config.vision_token_budget)
+        return self._solve_pre_llm(setting.prune_method, setting.vision_token_budget)
 
     def vision_schedule(self):
         """The ``VisionSchedule`` of the current config for one image (for a pre-LLM method:
@@ -418,29 +434,49 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         plan = self.pre_llm_plan()
         if plan is not None:
             return pre_llm_schedule(plan, self.config.num_hidden_layers)
-        return vision_schedule(
-            self.config.num_hidden_layers, tower.num_patches, self.config.prune_layers, self.config.drop_ratio
-        )
+        setting = active_pruning(self.config)
+        return vision_schedule(self.config.num_hidden_layers, tower.num_patches, setting.prune_layers,
+                               setting.drop_ratio)
 
     @property
     def pruning_trace(self) -> PruningTrace | None:
-        """Survivors and per-layer token counts of the last pruned prefill."""
+        """Survivors and per-layer token counts of the last pruned prefill (inside
+        ``pruned_as``: of the last one in this context)."""
+        record = active_record(self.config)
+        if record is not None:
+            return record.trace
         return getattr(self.model, "adsc_trace", None)
+
+    @contextmanager
+    def pruned_as(self, setting: PruningSetting | None):
+        """Calls in the block prune as ``setting`` (from ``resolve_pruning``), in this thread or
+        task only, the config untouched; yields a ``CallRecord`` that receives the prefill's
+        trace. ``None``: the config's own setting."""
+        if setting is None:
+            with pruning_override(self.config, active_pruning(self.config)) as record:
+                yield record
+            return
+        with pruning_override(self.config, setting) as record:
+            yield record
 
     # ------------------------------------------------------------------ multimodal inputs
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """``(n, 3, H, W)`` -> ``(n, num_patches, hidden_size)`` projected features; with a
-        pre-LLM method ``(n, k, hidden_size)``, its merge groups kept for the trace."""
+        pre-LLM method ``(n, k, hidden_size)``."""
+        return self._encode_images(images)[0]
+
+    def _encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projected features and, for a pre-LLM method, its merge groups (``None`` otherwise)."""
         tower = self.get_vision_tower()
         plan = self.pre_llm_plan()
-        self._merge_groups = None
+        groups = None
         if plan is None:
             features = tower(images)
         else:
             pixels = images.to(device=tower.device, dtype=tower.dtype)
             reduction = reduce_images(plan, tower.vision_tower, pixels, tower.select_layer)
-            features, self._merge_groups = reduction.features, reduction.groups
-        return self.model.mm_projector(features.to(self.model.mm_projector_dtype()))
+            features, groups = reduction.features, reduction.groups
+        return self.model.mm_projector(features.to(self.model.mm_projector_dtype())), groups
 
     def prepare_inputs_labels_for_multimodal(
         self,
@@ -457,10 +493,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         markers = image_markers_per_row(input_ids, attention_mask)
         assignment = assign_images_to_markers(markers, len(image_list))
         used = sorted({i for row in assignment for i in row})
-        features_by_image = {}
+        features_by_image, merge_groups = {}, None
         if used:
             pixel = torch.stack([image_list[i] for i in used])
-            encoded = self.encode_images(pixel)
+            encoded, merge_groups = self._encode_images(pixel)
             features_by_image = dict(zip(used, encoded))
         per_row = [[features_by_image[i] for i in row] for row in assignment]
         side = padding_side or _padding_side(attention_mask, self.config.tokenizer_padding_side)
@@ -473,10 +509,14 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             padding_side=side,
             max_length=self.config.tokenizer_model_max_length if labels is not None else None,
         )
-        if used and getattr(self, "_merge_groups", None) is not None:
+        if merge_groups is not None:
             # a pre-LLM method: nothing drops in the decoder, the trace is the merge
-            self.model.adsc_trace = pre_llm_trace(spliced.vision_mask, spliced.attention_mask,
-                                                  self.config.num_hidden_layers, self._merge_groups)
+            trace = pre_llm_trace(spliced.vision_mask, spliced.attention_mask, self.config.num_hidden_layers,
+                                  merge_groups)
+            self.model.adsc_trace = trace
+            record = active_record(self.config)
+            if record is not None:
+                record.trace = trace
         return spliced
 
     # ------------------------------------------------------------------ forward / generate
@@ -557,17 +597,22 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         images: torch.Tensor | list | None = None,
         image_sizes: list | None = None,
         attention_mask: torch.Tensor | None = None,
+        pruning: PruningSetting | None = None,
         **kwargs,
     ) -> GenerateOutput | torch.LongTensor:
         """Batched generation; returns only the new tokens (as upstream).
 
         ``inputs``: ``(B, L)`` prompt ids with image markers, left- or right-padded (spliced
         rows are re-padded on the left). ``images``: one tensor ``(n, 3, H, W)`` or a list.
+        ``pruning``: a ``resolve_pruning`` setting for this call only (default: the config's).
 
         Generation always runs with a KV cache: transformers generates from
         ``inputs_embeds`` (how images enter) only with one and turns ``use_cache=False``
         back on; a warning says so.
         """
+        if pruning is not None:
+            with self.pruned_as(pruning):
+                return self.generate(inputs, images, image_sizes, attention_mask, **kwargs)
         if kwargs.get("use_cache") is False:
             logger.warning("generate(use_cache=False) is ignored: transformers generates from inputs_embeds "
                            "(how images enter the model) only with a KV cache")

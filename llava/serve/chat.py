@@ -1,0 +1,230 @@
+"""One chat turn with streaming, per-call pruning and per-reply metrics: what the web demo and
+the terminal chat share.
+
+``ChatEngine(tokenizer, model, image_processor)`` holds one model in memory. ``stream(image,
+history, question, pruning)`` yields the reply as it grows and ends with a ``Reply`` carrying
+the text, the metrics (time to first token, tokens/s, mean vision tokens per layer, KV-cache
+bytes read off the call's own cache, FLOPs from ``adsc_patch.profile``) and the call's
+``PruningTrace``. The pruning setting is an argument of the call (``model.pruned_as``): two
+requests with different budgets on one model never share a schedule.
+
+Bad input raises ``InputError`` with one line naming the problem, before the model runs:
+no image, a file that is not an image, an image over ``max_image_pixels``, a prompt that
+with ``max_new_tokens`` exceeds the context length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from transformers import TextIteratorStreamer
+
+from adsc_patch import PruningTrace, compat
+from adsc_patch.cache import cache_nbytes
+from adsc_patch.profile import ModelShape, Workload, model_cost
+
+from ..cli import InputError
+from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from ..conversation import get_conv_template
+from ..mm_utils import ImageLoadError, check_image, process_images, tokenizer_image_token
+from ..model.pruning_setting import PruningSetting
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ChatEngine", "Reply", "ReplyMetrics", "open_image", "mean_vision_tokens", "MAX_IMAGE_PIXELS"]
+
+MAX_IMAGE_PIXELS = 25_000_000  # 5000 x 5000; LLaVA-1.5 sees 336 x 336 anyway
+
+
+def open_image(path: str | None, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+    """The RGB image at ``path``; ``InputError`` for none, a non-image or one over ``max_pixels``
+    (the size is read from the header, before decoding). Messages call the file ``name``
+    (default: its file name; a server's upload folder means nothing to the user)."""
+    if not path:
+        raise InputError("no image: upload one first")
+    name = name or os.path.basename(path)
+    try:
+        check_image(path)
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InputError(f"{name}: {width} x {height} pixels is over the limit of {max_pixels:,} pixels")
+            return image.convert("RGB")
+    except ImageLoadError as error:
+        raise ImageLoadError(str(error).replace(path, name)) from error.__cause__
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ImageLoadError(f"not a readable image: {name} ({str(error).replace(path, name)})") from error
+
+
+def mean_vision_tokens(trace: PruningTrace | None, num_layers: int, all_tokens: int, row: int = 0) -> float:
+    """Vision tokens per decoder layer, averaged over the layers, read off ``trace``
+    (``None``: nothing pruned, every layer saw ``all_tokens``)."""
+    if trace is None:
+        return float(all_tokens)
+    bounds = list(zip((0, *trace.prune_layers), (*trace.prune_layers, num_layers)))
+    kept = [len(stage[row]) for stage in trace.kept_vision_positions]
+    return sum(k * (end - first) for k, (first, end) in zip(kept, bounds)) / num_layers
+
+
+@dataclass
+class ReplyMetrics:
+    """What one reply cost. ``kv_mb``: the call's cache after the last step (MB = 1e6 bytes)."""
+
+    method: str
+    budget: float | None
+    ttft_ms: float
+    tokens_per_s: float | None
+    new_tokens: int
+    mean_vision_tokens: float
+    kv_mb: float
+    tflops: float
+    prompt_tokens: int
+
+    def line(self) -> str:
+        speed = f"{self.tokens_per_s:.1f} tok/s" if self.tokens_per_s else "— tok/s"
+        return (f"{self.method}{'' if self.budget is None else f' @ {self.budget:g}'}: TTFT {self.ttft_ms:.0f} ms · "
+                f"{speed} · {self.mean_vision_tokens:.1f} vision tokens/layer · KV {self.kv_mb:.2f} MB · "
+                f"{self.tflops * 1e3:.3f} GFLOPs")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Reply:
+    text: str
+    metrics: ReplyMetrics
+    trace: PruningTrace | None = None
+    history: list = field(default_factory=list)
+
+
+class _TimedStreamer(TextIteratorStreamer):
+    """``TextIteratorStreamer`` that notes when each generated token arrives."""
+
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
+        self.token_times: list[float] = []
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt:
+            self.token_times.extend([time.perf_counter()] * int(value.numel()))
+        super().put(value)
+
+
+class ChatEngine:
+    """One model in memory answering chat turns under any pruning setting."""
+
+    def __init__(self, tokenizer, model, image_processor, conv_mode: str | None = None,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+        self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+        self.conv_mode = conv_mode or model.config.conv_mode or "vicuna_v1"
+        self.max_image_pixels = max_image_pixels
+        tower = model.get_vision_tower()
+        self.shape = ModelShape.from_config(model.config, tower.config)
+        self.num_patches = tower.num_patches
+        self.context_length = model.config.tokenizer_model_max_length or model.config.max_position_embeddings
+
+    # ------------------------------------------------------------------ settings
+    def setting(self, method: str | None, budget: float | None) -> PruningSetting:
+        """``method`` at ``budget`` mean vision tokens (``None`` / ``"full"``: no pruning); a
+        ``ScheduleError`` names an unreachable budget. The config is not touched."""
+        if method in (None, "full"):
+            return self.model.resolve_pruning(prune_layers=[], drop_ratio=0.0)[0]
+        return self.model.resolve_pruning(method=method, vision_token_budget=float(budget))[0]
+
+    # ------------------------------------------------------------------ prompts
+    def prompt(self, history: list[tuple[str, str]], question: str) -> str:
+        """The checkpoint's template over earlier ``(user, assistant)`` turns and the new
+        question; the image goes with the first user turn."""
+        image = DEFAULT_IMAGE_TOKEN
+        if self.model.config.mm_use_im_start_end:
+            image = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+        conv = get_conv_template(self.conv_mode)
+        turns = [*history, (question, None)]
+        for index, (user, assistant) in enumerate(turns):
+            conv.append_message(conv.roles[0], (image + "\n" + user) if index == 0 else user)
+            conv.append_message(conv.roles[1], assistant)
+        return conv.get_prompt()
+
+    def encode(self, image: Image.Image, history, question: str, max_new_tokens: int):
+        """``(input_ids (1, L), pixels)``; ``InputError`` if the prompt does not fit the context."""
+        if not question or not question.strip():
+            raise InputError("empty question: type one")
+        ids = tokenizer_image_token(self.prompt(history, question.strip()), self.tokenizer, return_tensors="pt")[None]
+        length = ids.shape[1] - 1 + self.num_patches  # the marker becomes the image's tokens
+        if length + max_new_tokens > self.context_length:
+            raise InputError(f"the conversation is {length} tokens (with the image); with {max_new_tokens} new tokens "
+                             f"it exceeds the context length of {self.context_length}: start a new chat or ask less")
+        pixels = process_images([image], self.image_processor, self.model.config)
+        return ids.to(self.model.device), pixels.to(self.model.device, self.model.dtype)
+
+    # ------------------------------------------------------------------ generation
+    def stream(self, image: Image.Image, history, question: str, pruning: PruningSetting,
+               max_new_tokens: int = 64, temperature: float = 0.0):
+        """Yield the reply text as it grows, then a ``Reply`` (the last item)."""
+        ids, pixels = self.encode(image, history, question, max_new_tokens)
+        streamer = _TimedStreamer(self.tokenizer, timeout=600)
+        result: dict = {}
+
+        def work():
+            try:
+                with torch.inference_mode(), self.model.pruned_as(pruning) as record:
+                    out = self.model.generate(
+                        ids, images=pixels, streamer=streamer, max_new_tokens=max_new_tokens,
+                        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                        pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True)
+                result.update(out=out, trace=record.trace)
+            except BaseException as error:  # handed to the caller's thread below
+                result["error"] = error
+                streamer.end()
+
+        start = time.perf_counter()
+        worker = threading.Thread(target=work, name="llava-chat-generate", daemon=True)
+        worker.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        out = result["out"]
+        new_tokens = int(out.sequences.shape[1])
+        times = streamer.token_times
+        ttft = 1000 * ((times[0] if times else time.perf_counter()) - start)
+        speed = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+        text = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True).strip()
+        prompt_tokens = int(ids.shape[1]) - 1
+        method = pruning.prune_method if pruning.enabled else None
+        cost = model_cost(self.shape, method, pruning.vision_token_budget if method else None,
+                          Workload(prompt_tokens, 1, new_tokens, 1, torch.finfo(self.model.dtype).bits // 8),
+                          prune_layers=pruning.prune_layers or None)
+        trace = result["trace"]
+        metrics = ReplyMetrics(
+            method=method or "full", budget=pruning.vision_token_budget if method else None, ttft_ms=ttft,
+            tokens_per_s=speed, new_tokens=new_tokens,
+            mean_vision_tokens=mean_vision_tokens(trace, self.model.config.num_hidden_layers, self.num_patches),
+            kv_mb=cache_nbytes(compat.output_cache(out)) / 1e6, tflops=cost.flops_total / 1e12, prompt_tokens=prompt_tokens)
+        logger.info("reply %s", metrics.line())
+        yield Reply(text=text, metrics=metrics, trace=trace, history=[*history, (question.strip(), text)])
+
+    def trace(self, image: Image.Image, history, question: str, pruning: PruningSetting) -> PruningTrace | None:
+        """The ``PruningTrace`` of one prefill of this turn under ``pruning`` (no answer)."""
+        ids, pixels = self.encode(image, history, question, 1)
+        with torch.inference_mode(), self.model.pruned_as(pruning) as record:
+            self.model(input_ids=ids, images=pixels, use_cache=True, logits_to_keep=1)
+        return record.trace
+
+    def answer(self, image, history, question, pruning, **kwargs) -> Reply:
+        """``stream`` to its end."""
+        last = None
+        for last in self.stream(image, history, question, pruning, **kwargs):
+            pass
+        return last

@@ -1,0 +1,77 @@
+"""The picture of what a pruned prefill kept, drawn from its ``PruningTrace`` (not recomputed).
+
+In-decoder methods: one panel per stage, the patches whose tokens enter that stage shown,
+the rest dimmed. Pre-LLM methods (``trace.merge_groups``): one panel, each merged token's
+patches in one colour, dropped patches dark. The image is shown as the model sees it
+(padded to a square).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from adsc_patch import PruningTrace
+
+from ..mm_utils import expand2square
+
+__all__ = ["kept_patches_picture", "kept_patch_masks"]
+
+PANEL = 224
+
+
+def kept_patch_masks(trace: PruningTrace, num_patches: int, row: int = 0) -> list[np.ndarray]:
+    """Per stage, a bool ``(num_patches,)`` mask of the first image's patches entering it."""
+    stages = trace.kept_vision_positions
+    start = int(stages[0][row].min())  # stage 0 holds every vision token of the row
+    masks = []
+    for stage in stages:
+        patches = stage[row].numpy() - start
+        mask = np.zeros(num_patches, dtype=bool)
+        mask[patches[(patches >= 0) & (patches < num_patches)]] = True
+        masks.append(mask)
+    return masks
+
+
+def _square(image: Image.Image) -> np.ndarray:
+    square = expand2square(image.convert("RGB"), (127, 127, 127)).resize((PANEL, PANEL), Image.BICUBIC)
+    return np.asarray(square).astype(np.float32)
+
+
+def _patch_map(values: np.ndarray, side: int) -> np.ndarray:
+    """``(side*side, ...)`` per-patch values -> ``(PANEL, PANEL, ...)`` by nearest patch."""
+    index = (np.arange(PANEL) * side) // PANEL
+    grid = values.reshape(side, side, *values.shape[1:])
+    return grid[index][:, index]
+
+
+def kept_patches_picture(image: Image.Image, trace: PruningTrace | None, side: int, layers: int) -> Image.Image:
+    """A row of labelled panels; ``trace`` ``None``: the whole image (nothing pruned)."""
+    base = _square(image)
+    panels, labels = [], []
+    if trace is None:
+        panels, labels = [base], [f"all {side * side} patches, layers 0-{layers - 1}"]
+    elif trace.merge_groups is not None:
+        groups = trace.merge_groups[0].numpy()
+        rng = np.random.default_rng(0)
+        colours = rng.uniform(40, 255, size=(int(groups.max()) + 1, 3)).astype(np.float32)
+        tint = np.where(groups[:, None] >= 0, colours[np.clip(groups, 0, None)], 0.0)
+        tint_map = _patch_map(tint, side)
+        dropped = _patch_map(groups < 0, side)[..., None]
+        panel = np.where(dropped, base * 0.15, 0.45 * base + 0.55 * tint_map)
+        panels.append(panel)
+        labels.append(f"{int(groups.max()) + 1} merged tokens")
+    else:
+        bounds = list(zip((0, *trace.prune_layers), (*trace.prune_layers, layers)))
+        for mask, (first, end) in zip(kept_patch_masks(trace, side * side), bounds):
+            shown = _patch_map(mask, side)[..., None]
+            panels.append(np.where(shown, base, base * 0.2 + 20))
+            labels.append(f"layers {first}-{end - 1}: {int(mask.sum())}")
+    gap, caption = 6, 18
+    canvas = Image.new("RGB", (len(panels) * (PANEL + gap) - gap, PANEL + caption), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (panel, label) in enumerate(zip(panels, labels)):
+        x = i * (PANEL + gap)
+        canvas.paste(Image.fromarray(np.clip(panel, 0, 255).astype(np.uint8)), (x, caption))
+        draw.text((x + 2, 3), label, fill="black")
+    return canvas

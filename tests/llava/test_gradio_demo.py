@@ -1,0 +1,252 @@
+"""The side-by-side demo (``llava.serve.gradio_demo``) served for real on a tiny checkpoint:
+through ``gradio_client`` (the documented ``compare`` endpoint and the chat), and in a real
+headless Chromium driven by Playwright (Debian's ``chromium``; ``scripts/test.sh`` installs it
+where it can, and the browser test is skipped with the reason where it cannot).
+
+Replies are checked against the engine answering alone (itself checked against uncached
+greedy decoding in tests/llava/test_serve.py), metrics against each budget's schedule.
+"""
+
+import io
+import os
+import shutil
+import socket
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava.model.builder import load_pretrained_model
+from llava.serve.chat import ChatEngine, open_image
+
+gradio = pytest.importorskip("gradio", reason="the demo's tests need the demo extra (pip install -e '.[dev]')")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from llava.serve.gradio_demo import build_demo  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NEW = 4
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+OUTPUT = os.environ.get("TEST_OUTPUT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "test-output"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    rng = np.random.RandomState(5)
+    Image.fromarray((rng.rand(48, 48, 3) * 255).astype("uint8")).save(folder / "grid.png")
+    Image.fromarray((rng.rand(80, 80, 3) * 255).astype("uint8")).save(folder / "huge.png")  # over the test's limit
+    (folder / "notes.png").write_text("these are notes, not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(tiny_deep_dir):
+    """The demo on 127.0.0.1 (limit 4,000 pixels, so 'huge' is 80 x 80), and its engine."""
+    tokenizer, model, processor, _ = load_pretrained_model(tiny_deep_dir, device="cpu")
+    engine = ChatEngine(tokenizer, model, processor, max_image_pixels=4000)
+    demo = build_demo(engine, "adsc", 12, max_new_tokens=NEW)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", engine
+    demo.close()
+
+
+def _text(content) -> str:
+    """A chat message's text (gradio 6 hands content back as a list of typed parts)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part.get("type") == "text")
+
+
+def _reference(engine, path, question, method, budget):
+    image = open_image(str(path))
+    return engine.answer(image, [], question, engine.setting(method, budget), max_new_tokens=NEW)
+
+
+def test_compare_endpoint_answers_both_sides_with_their_metrics(served, files):
+    url, engine = served
+    client = Client(url, verbose=False)
+    full, comp, metrics = client.predict(handle_file(str(files / "grid.png")), "What is in the grid?", "adsc", 12,
+                                         api_name="/compare")
+    assert full == _reference(engine, files / "grid.png", "What is in the grid?", None, None).text
+    assert comp == _reference(engine, files / "grid.png", "What is in the grid?", "adsc", 12).text
+    for side in ("full", "compressed"):
+        assert {"mean_vision_tokens", "kv_mb", "ttft_ms", "tokens_per_s", "tflops"} <= set(metrics[side])
+        assert metrics[side]["ttft_ms"] > 0
+    assert metrics["full"]["mean_vision_tokens"] == 36 and abs(metrics["compressed"]["mean_vision_tokens"] - 12) <= 1
+    assert metrics["compressed"]["kv_mb"] < metrics["full"]["kv_mb"]
+
+
+def test_compare_refuses_bad_input_with_one_line_and_keeps_serving(served, files):
+    url, _ = served
+    client = Client(url, verbose=False)
+    cases = [(files / "notes.png", "adsc", 12, "not a readable image: notes.png"),
+             (files / "huge.png", "adsc", 12, "80 x 80 pixels is over the limit of 4,000 pixels"),
+             (files / "grid.png", "pdrop", 2, "prune method pdrop: vision token budget 2.0 is below"),
+             (files / "grid.png", "adsc", 12, "exceeds the context length")]
+    for path, method, budget, message in cases:
+        question = "word " * 3000 if "context" in message else "What?"
+        with pytest.raises(Exception) as info:
+            client.predict(handle_file(str(path)), question, method, budget, api_name="/compare")
+        assert message in str(info.value) and "Traceback" not in str(info.value)
+    full, comp, metrics = client.predict(handle_file(str(files / "grid.png")), "What?", "fastv", 12,
+                                         api_name="/compare")
+    assert metrics["compressed"]["method"] == "fastv" and full and comp is not None
+
+
+def test_two_concurrent_requests_with_different_budgets_each_get_their_own_schedule(served, files):
+    url, engine = served
+    results, errors = {}, []
+
+    def ask(budget):
+        try:
+            client = Client(url, verbose=False)
+            for _ in range(2):
+                results.setdefault(budget, []).append(client.predict(
+                    handle_file(str(files / "grid.png")), "Read the grid.", "adsc", budget, api_name="/compare"))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask, args=(b,)) for b in (10, 24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for budget, answers in results.items():
+        reference = _reference(engine, files / "grid.png", "Read the grid.", "adsc", budget)
+        for _, comp, metrics in answers:
+            assert abs(metrics["compressed"]["mean_vision_tokens"] - budget) <= 1
+            assert metrics["compressed"]["kv_mb"] == reference.metrics.kv_mb and comp == reference.text
+    assert engine.model.config.prune_layers == []  # no request wrote the shared config
+
+
+def test_chat_endpoint_streams_both_panes_draws_the_kept_patches_and_survives_a_bad_upload(served, files):
+    url, engine = served
+    client = Client(url, verbose=False)
+    grid = handle_file(str(files / "grid.png"))
+    full_chat, comp_chat, full_m, comp_m, kept, status = client.predict(grid, "What is in the grid?", "adsc", 12, [], [],
+                                                                        api_name="/chat")
+    assert status == "done" and full_m.startswith("full: TTFT") and comp_m.startswith("adsc @ 12: TTFT")
+    assert [m["role"] for m in full_chat] == ["user", "assistant"] and len(comp_chat) == 2
+    assert _text(comp_chat[1]["content"]) == _reference(engine, files / "grid.png", "What is in the grid?", "adsc", 12).text
+    pictures = {12: np.asarray(Image.open(kept))}
+    *_, kept_pdrop, _ = client.predict(grid, "What is in the grid?", "pdrop", 20, [], [], api_name="/chat")
+    pictures[20] = np.asarray(Image.open(kept_pdrop))
+    assert pictures[12].shape != pictures[20].shape or (pictures[12] != pictures[20]).any()
+    *_, status = client.predict(handle_file(str(files / "notes.png")), "What?", "adsc", 12, [], [], api_name="/chat")
+    assert status.startswith("⚠️ not a readable image: notes.png")
+    *_, status = client.predict(grid, "What?", "adsc", 12, [], [], api_name="/chat")
+    assert status == "done"
+
+
+def _upload(page, path) -> None:
+    """Upload as a person does: clear the previous file, click the drop zone, pick the file."""
+    clear = page.locator("#image-upload button[aria-label=Clear], #image-upload button[title=Clear]")
+    if clear.count():
+        clear.first.click()
+    with page.expect_file_chooser() as chooser:
+        page.locator("#image-upload button.upload-container").click()
+    chooser.value.set_files(str(path))
+
+
+def _wait_status(page, text: str) -> None:
+    page.wait_for_function(f"document.querySelector('#status').innerText.includes({text!r})")
+
+
+def _ask(page, question: str) -> None:
+    page.locator("#question textarea").fill(question)
+    page.locator("#send").click()
+    _wait_status(page, "done")
+
+
+def _wait_picture_other_than(page, src: str | None) -> None:
+    """Wait for a new kept-patch picture, and check its pixels differ from the previous one's
+    (gradio names every output file anew, so a new address alone proves nothing)."""
+    page.wait_for_function(f"(() => {{ const img = document.querySelector('#kept img'); "
+                           f"return img && img.src && img.src != {src!r}; }})()")
+    new = page.locator("#kept img").get_attribute("src")
+    if src:
+        before, after = (np.asarray(Image.open(io.BytesIO(page.request.get(u).body())).convert("RGB")) for u in (src, new))
+        assert before.shape != after.shape or (before != after).any()
+
+
+def _chromium_or_skip():
+    if not shutil.which(CHROMIUM) and not os.path.isfile(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (scripts/test.sh does as root) or set "
+                    "CHROMIUM to a browser's path")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (it is in the dev extra)")
+    return sync_playwright
+
+
+def test_in_a_real_browser_upload_ask_switch_method_and_recover_from_a_non_image(served, files):
+    sync_playwright = _chromium_or_skip()
+    url, _ = served
+    os.makedirs(OUTPUT, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        _upload(page, files / "grid.png")
+        _wait_status(page, "image ready")
+        _ask(page, "What is in the grid?")
+        assert page.locator("#full-metrics").inner_text().startswith("full: TTFT")
+        assert page.locator("#compressed-metrics").inner_text().startswith("adsc @ 12: TTFT")
+        for pane in ("#full-chat", "#compressed-chat"):
+            assert page.locator(f"{pane} [data-testid=bot]").count() >= 1
+            assert "What is in the grid?" in page.locator(f"{pane} [data-testid=user]").first.inner_text()
+        page.screenshot(path=os.path.join(OUTPUT, "demo-answered.png"), full_page=True)
+
+        pictures = [page.locator("#kept img").get_attribute("src")]
+        method = page.locator("#method input")
+        method.click()
+        method.fill("pool")
+        method.press("Enter")
+        _wait_status(page, "pool @ 12")
+        _wait_picture_other_than(page, pictures[-1])
+        pictures.append(page.locator("#kept img").get_attribute("src"))
+        budget = page.locator("#budget input[type=number]")
+        budget.fill("9")
+        budget.press("Enter")
+        _wait_status(page, "pool @ 9")
+        _wait_picture_other_than(page, pictures[-1])
+        page.screenshot(path=os.path.join(OUTPUT, "demo-pool.png"), full_page=True)
+
+        _upload(page, files / "notes.png")
+        _wait_status(page, "not a readable image: notes.png")
+        assert "Traceback" not in page.content() and "NETWORK ERROR" not in page.content()
+        _upload(page, files / "grid.png")
+        _wait_status(page, "image ready")
+        _ask(page, "Which digit is first?")
+        assert page.locator("#compressed-metrics").inner_text().startswith("pool @ 9: TTFT")
+        assert page.locator("#compressed-chat [data-testid=bot]").count() >= 1
+        page.screenshot(path=os.path.join(OUTPUT, "demo.png"), full_page=True)
+        browser.close()
+
+
+def test_without_a_model_path_it_serves_the_playground_checkpoint_or_says_how_to_make_one(monkeypatch, tmp_path,
+                                                                                           tiny_deep_dir):
+    from llava.cli import InputError
+    from llava.serve import gradio_demo
+
+    monkeypatch.setattr(gradio_demo, "PLAYGROUND_CHECKPOINT", str(tmp_path / "runs" / "default" / "adsc-1of3"))
+    with pytest.raises(InputError, match=r"^no --model-path given .* `bash scripts/quickstart.sh`"):
+        gradio_demo.main([])
+    monkeypatch.setattr(gradio_demo, "PLAYGROUND_CHECKPOINT", tiny_deep_dir)
+    assert gradio_demo.default_model_path() == tiny_deep_dir
+    assert gradio_demo.build_parser().parse_args([]).host == "127.0.0.1"
