@@ -98,6 +98,8 @@ def test_compare_refuses_bad_input_with_one_line_and_keeps_serving(served, files
         with pytest.raises(Exception) as info:
             client.predict(handle_file(str(path)), question, method, budget, api_name="/compare")
         assert message in str(info.value) and "Traceback" not in str(info.value)
+    with pytest.raises(Exception, match="no image: upload one first"):
+        client.predict(None, "What?", "adsc", 12, api_name="/compare")  # an empty upload
     full, comp, metrics = client.predict(handle_file(str(files / "grid.png")), "What?", "fastv", 12,
                                          api_name="/compare")
     assert metrics["compressed"]["method"] == "fastv" and full and comp is not None
@@ -250,3 +252,22 @@ def test_without_a_model_path_it_serves_the_playground_checkpoint_or_says_how_to
     monkeypatch.setattr(gradio_demo, "PLAYGROUND_CHECKPOINT", tiny_deep_dir)
     assert gradio_demo.default_model_path() == tiny_deep_dir
     assert gradio_demo.build_parser().parse_args([]).host == "127.0.0.1"
+
+
+def test_a_model_error_gives_one_line_and_a_log_line_and_the_demo_keeps_serving(served, files, monkeypatch, caplog):
+    url, engine = served
+    client = Client(url, verbose=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.model, "generate", broken)
+        with caplog.at_level("ERROR", logger="llava.serve.gradio_demo"):
+            *_, status = client.predict(handle_file(str(files / "grid.png")), "What?", "adsc", 12, [], [],
+                                        api_name="/chat")
+    assert status == ("⚠️ the model failed on this request (RuntimeError: CUDA error: an illegal memory access was "
+                      "encountered); the demo keeps serving")
+    assert any("the model failed" in r.message and r.exc_info for r in caplog.records)
+    *_, status = client.predict(handle_file(str(files / "grid.png")), "What?", "adsc", 12, [], [], api_name="/chat")
+    assert status == "done"
