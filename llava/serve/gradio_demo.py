@@ -167,7 +167,7 @@ def build_demo(engine: ChatEngine, method: str = "adsc", budget: float | None = 
                         comp_chat = gr.Chatbot(label="compressed", elem_id="compressed-chat", height=300)
                         comp_metrics = gr.Markdown(elem_id="compressed-metrics")
                 kept = gr.Image(label="what the compressed model kept", type="pil", interactive=False,
-                                elem_id="kept")
+                                elem_id="kept", height=320)
         with gr.Row():
             question = gr.Textbox(label="question", placeholder="Ask about the image", elem_id="question", scale=4)
             send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
