@@ -52,7 +52,7 @@ def test_measured_kv_bytes_equal_the_prediction_for_every_method_budget_and_batc
 def test_layer_replay_uses_each_layers_length_from_the_trace_as_the_profile_predicts(smoke):
     """The replay times one layer at the lengths the pruned prefill really ran (read off its
     trace), which must equal the profile's independent per-layer count (text + the schedule's
-    vision tokens), and a shorter schedule replays in less time than the full model's."""
+    vision tokens); the speed-up itself is the benchmark's to show, not a unit test's."""
     _, summary = smoke
     sizes = summary["header"]["sizes"]
     shape = ModelShape.from_config(bench.build_model(sizes, "sdpa", torch.float32, "cpu").config)

@@ -10,7 +10,10 @@ import torch
 from llava.model.builder import load_pretrained_model
 from playground import study
 
-pytestmark = pytest.mark.compat  # meets transformers' internals: CI runs it on both ends of the range
+# Tests marked compat meet transformers' internals (the whole study, trained and evaluated
+# through it): CI runs them on both ends of the range. The seeds and fine-tuned-baselines
+# stages add only orchestration over the same recipe (the baselines' fine-tunes through the
+# recipe are compat-tested in tests/llava/test_train.py), so they run on the locked stack only.
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +23,7 @@ def smoke_run(tmp_path_factory):
     return workdir / "runs" / "smoke", summary
 
 
+@pytest.mark.compat
 def test_run_folder_has_the_tables_and_the_figure(smoke_run):
     run_dir, summary = smoke_run
     assert {"results.json", "results.md", "accuracy_vs_tokens.png"} <= set(os.listdir(run_dir))
@@ -34,6 +38,7 @@ def test_run_folder_has_the_tables_and_the_figure(smoke_run):
     assert "Compute and memory" in markdown and "| adsc-1of9 |" in markdown
 
 
+@pytest.mark.compat
 def test_the_default_run_has_every_baseline_training_free_at_every_budget(smoke_run):
     run_dir, summary = smoke_run
     rows = {row["setting"]: row for row in summary["rows"]}
@@ -52,6 +57,7 @@ def test_the_default_run_has_every_baseline_training_free_at_every_budget(smoke_
     assert cost["tome-1of9"]["vision_tokens_per_stage"] == [121, 13]
 
 
+@pytest.mark.compat
 def test_budgets_are_the_analogs_of_192_128_64(smoke_run):
     run_dir, _ = smoke_run
     results = json.loads((run_dir / "results.json").read_text())
@@ -68,6 +74,7 @@ def test_budgets_are_the_analogs_of_192_128_64(smoke_run):
     assert all(cost[name]["prefill_ms"] > 0 for name in tokens)
 
 
+@pytest.mark.compat
 def test_checkpoints_load_with_their_schedule_and_template(smoke_run):
     run_dir, _ = smoke_run
     ckpt = run_dir / "checkpoints"
@@ -82,6 +89,7 @@ def test_checkpoints_load_with_their_schedule_and_template(smoke_run):
     assert "launcher=python" in log and log.count("curriculum phase") >= 3  # the user-facing script ran
 
 
+@pytest.mark.compat
 def test_a_finished_study_resumes_without_redoing_stages(smoke_run, caplog):
     run_dir, summary = smoke_run
     before = (run_dir / "results.json").stat().st_mtime
@@ -93,6 +101,7 @@ def test_a_finished_study_resumes_without_redoing_stages(smoke_run, caplog):
     assert (run_dir / "results.json").stat().st_mtime >= before
 
 
+@pytest.mark.compat
 def test_a_run_folder_refuses_a_study_with_other_settings(smoke_run, tmp_path, capsys):
     run_dir, _ = smoke_run
     workdir = str(run_dir.parent.parent)
@@ -105,6 +114,7 @@ def test_a_run_folder_refuses_a_study_with_other_settings(smoke_run, tmp_path, c
     assert saved["adsc_steps"] == 3 and "ablations" not in saved  # adding the ablations later is allowed
 
 
+@pytest.mark.compat
 def test_bad_command_lines_are_refused_before_any_work(tmp_path, capsys):
     unknown = tmp_path / "typo.json"
     unknown.write_text(json.dumps({"adsc_step": 5}))
@@ -118,6 +128,7 @@ def test_bad_command_lines_are_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.compat
 def test_the_cuda_preset_scales_the_same_study_up():
     cpu, cuda = study.StudyConfig(), study.StudyConfig.cuda()
     assert cuda.device == "cuda" and cuda.train_images > cpu.train_images and cuda.eval_images > cpu.eval_images
@@ -166,6 +177,7 @@ def test_the_fine_tuned_baselines_stage_trains_each_with_adscs_recipe(smoke_run,
     assert "| pool-ft-1of9 |" in summary["markdown"] and "| tome-ft-1of9 |" not in summary["markdown"]
 
 
+@pytest.mark.compat
 def test_merge_seeds_averages_only_rows_that_differ_in_their_seed():
     from playground.report import merge_seeds
 
@@ -185,6 +197,7 @@ def test_merge_seeds_averages_only_rows_that_differ_in_their_seed():
     assert "seeds" not in merged["adsc-b"] and "seeds" not in merged["free"]
 
 
+@pytest.mark.compat
 def test_the_seeds_flag_is_checked_before_any_work(tmp_path, capsys):
     for bad in ("0,x", "1,1", "-1"):
         with pytest.raises(SystemExit):
