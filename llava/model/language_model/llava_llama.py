@@ -452,11 +452,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         """Calls in the block prune as ``setting`` (from ``resolve_pruning``), in this thread or
         task only, the config untouched; yields a ``CallRecord`` that receives the prefill's
         trace. ``None``: the config's own setting."""
-        if setting is None:
-            with pruning_override(self.config, active_pruning(self.config)) as record:
-                yield record
-            return
-        with pruning_override(self.config, setting) as record:
+        with pruning_override(self.config, setting or active_pruning(self.config)) as record:
             yield record
 
     # ------------------------------------------------------------------ multimodal inputs
