@@ -9,7 +9,7 @@ from setuptools import find_packages, setup
 # scripts/test.sh install by default (docs/compatibility.md).
 CORE = [
     "torch>=2.6",
-    "transformers>=5.23,<5.25",
+    "transformers>=5.23,<5.26",
     "peft>=0.17",
     "accelerate>=1.10",
     "safetensors>=0.5",

@@ -9,7 +9,9 @@ strings):
 * ``CACHE_KWARG``: the keyword under which ``LlamaDecoderLayer.forward``,
   ``LlamaModel.forward``, ``create_causal_mask``, ``LlavaModel.forward`` and
   ``GenerationMixin.prepare_inputs_for_generation`` take the cache (``past_key_values`` up
-  to 5.23, ``cache`` from 5.24);
+  to 5.23, ``cache`` from 5.24). Where a signature shows both names (5.25's
+  ``create_causal_mask``: a deprecation decorator exposes the old one), the canonical name is
+  the one the undecorated function takes; both there too is an unknown layout;
 * ``OUTPUT_CACHE_FIELD``: the field of ``BaseModelOutputWithPast``,
   ``CausalLMOutputWithPast`` and ``generate``'s outputs that holds it (the same rename);
 * that ``create_causal_mask`` sizes a mask by ``layer_idx`` and that a ``DynamicCache``
@@ -60,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 # The releases CI tests, both ends (requirements/lowest.txt pins the lower); setup.py states
 # the same range, and tests/test_stack.py checks that the two agree.
-TESTED_RANGE_TEXT = ">=5.23,<5.25"
+TESTED_RANGE_TEXT = ">=5.23,<5.26"
 TESTED_RANGE = SpecifierSet(TESTED_RANGE_TEXT)
 
 # Every name a release of transformers 5 has used for the KV-cache argument, newest first.
@@ -81,7 +83,13 @@ class TransformersLayout:
 
 
 def _parameters(function: Callable) -> list[str]:
-    return list(inspect.signature(function).parameters)  # follows functools.wraps (deprecate_kwarg)
+    """The parameters callers see (a decorator may add a deprecated alias to the signature)."""
+    return list(inspect.signature(function).parameters)
+
+
+def _undecorated_parameters(function: Callable) -> list[str]:
+    """The parameters of the function under every ``functools.wraps`` decorator (the body's own names)."""
+    return list(inspect.signature(inspect.unwrap(function), follow_wrapped=False).parameters)
 
 
 def read_installed_layout() -> dict[str, Any]:
@@ -92,15 +100,17 @@ def read_installed_layout() -> dict[str, Any]:
     from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
 
+    functions = {
+        "LlamaDecoderLayer.forward": LlamaDecoderLayer.forward,
+        "LlamaModel.forward": LlamaModel.forward,
+        "create_causal_mask": create_causal_mask,
+        "LlavaModel.forward": LlavaModel.forward,
+        "GenerationMixin.prepare_inputs_for_generation": GenerationMixin.prepare_inputs_for_generation,
+    }
     return {
         "version": transformers.__version__,
-        "signatures": {
-            "LlamaDecoderLayer.forward": _parameters(LlamaDecoderLayer.forward),
-            "LlamaModel.forward": _parameters(LlamaModel.forward),
-            "create_causal_mask": _parameters(create_causal_mask),
-            "LlavaModel.forward": _parameters(LlavaModel.forward),
-            "GenerationMixin.prepare_inputs_for_generation": _parameters(GenerationMixin.prepare_inputs_for_generation),
-        },
+        "signatures": {where: _parameters(function) for where, function in functions.items()},
+        "undecorated_signatures": {where: _undecorated_parameters(function) for where, function in functions.items()},
         "output_fields": {
             "BaseModelOutputWithPast": [f.name for f in dataclasses.fields(BaseModelOutputWithPast)],
             "CausalLMOutputWithPast": [f.name for f in dataclasses.fields(CausalLMOutputWithPast)],
@@ -123,14 +133,23 @@ def resolve_layout(facts: dict[str, Any]) -> TransformersLayout:
             f"range (pip install 'transformers{TESTED_RANGE_TEXT}') or see docs/compatibility.md"
         )
 
-    def one_cache_name(where: str, names: list[str]) -> str:
+    def one_cache_name(where: str, names: list[str], undecorated: list[str] | None = None) -> str:
         found = [name for name in CACHE_NAMES if name in names]
+        if len(found) > 1 and undecorated is not None:
+            # A deprecation decorator may show the old name beside the new one (transformers 5.25's
+            # expose_in_signature); the function it wraps takes only the canonical name.
+            own = [name for name in found if name in undecorated]
+            if len(own) == 1:
+                return own[0]
         if len(found) != 1:
             raise unknown(f"{where} has {'no' if not found else 'more than one'} cache argument among "
-                          f"{CACHE_NAMES} (it has {names})")
+                          f"{CACHE_NAMES} (it has {names}"
+                          f"{'' if undecorated is None else f'; undecorated: {undecorated}'})")
         return found[0]
 
-    kwargs = {where: one_cache_name(where, names) for where, names in facts["signatures"].items()}
+    undecorated = facts.get("undecorated_signatures", {})
+    kwargs = {where: one_cache_name(where, names, undecorated.get(where))
+              for where, names in facts["signatures"].items()}
     fields = {where: one_cache_name(where, names) for where, names in facts["output_fields"].items()}
     if len(set(kwargs.values())) != 1:
         raise unknown(f"the cache argument is named differently across functions ({kwargs})")

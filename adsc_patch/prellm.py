@@ -19,6 +19,7 @@ from .pool import pool_features, pool_shape
 from .reduction import PRE_LLM_METHODS, VisionReduction
 from .schedule import ScheduleError, VisionSchedule
 from .tome import tome_merge_counts, tome_vision_forward
+from .tower import clip_hidden_state
 from .visionzip import visionzip_split, visionzip_vision_forward
 
 __all__ = ["PreLlmPlan", "pre_llm_schedule", "pre_llm_trace", "reduce_images", "solve_pre_llm"]
@@ -70,7 +71,7 @@ def reduce_images(plan: PreLlmPlan, vision_model, pixel_values: torch.Tensor, se
         return tome_vision_forward(vision_model, pixel_values, plan.setting, select_layer)
     if plan.method == "visionzip":
         return visionzip_vision_forward(vision_model, pixel_values, *plan.setting, select_layer=select_layer)
-    hidden = vision_model(pixel_values, output_hidden_states=True).hidden_states[select_layer][:, 1:]
+    hidden = clip_hidden_state(vision_model, pixel_values, select_layer).hidden[:, 1:]
     return pool_features(hidden, plan.grid, plan.setting)
 
 

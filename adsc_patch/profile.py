@@ -140,7 +140,7 @@ def generation_cost(
 class VisionTowerShape:
     """A CLIP ViT as LLaVA runs it: ``num_layers`` layers on ``1 + grid**2`` tokens (CLS first),
     after a ``patch_size`` x ``patch_size`` convolution of ``channels`` input channels. LLaVA reads
-    the features at ``select_layer`` but transformers runs every layer; ToMe stops at it."""
+    the features at ``select_layer``, and the layers after it do not run (``adsc_patch.tower``)."""
 
     num_layers: int
     hidden_size: int
@@ -278,7 +278,7 @@ def model_cost(shape: ModelShape, method: str | None, budget: float | None, work
 
     tower, n = shape.tower, shape.tower.num_patches
     images, batch = workload.images, workload.batch
-    tower_tokens = [n + 1] * tower.num_layers
+    tower_tokens = [n + 1] * tower.layers_to_feature
     schedule, kept, entering = None, n, n
     score_at: list[int] = []
     if method is not None:

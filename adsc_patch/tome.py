@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from .compat import clip_vision_parts
 from .reduction import VisionReduction
 from .schedule import ScheduleError
+from .tower import layers_run
 
 __all__ = [
     "Merge",
@@ -78,15 +79,6 @@ def merge_cap(num_tokens: int, protected: int = 1) -> int:
     a = (num_tokens + 1) // 2 - (protected + 1) // 2  # even indices in [protected, T)
     b = num_tokens // 2 - protected // 2  # odd indices in [protected, T)
     return a if b > 0 else 0
-
-
-def layers_run(num_layers: int, select_layer: int = -2) -> int:
-    """How many of a tower's ``num_layers`` layers produce ``hidden_states[select_layer]``
-    (hidden state ``i`` is the input of layer ``i``; there are ``num_layers + 1``)."""
-    run = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
-    if not 0 <= run <= num_layers:
-        raise ValueError(f"select_layer {select_layer} is out of range for a tower of {num_layers} layers")
-    return run
 
 
 def _final_tokens(num_tokens: int, levels: Sequence[int], protected: int) -> int:

@@ -51,6 +51,7 @@ from .compat import clip_vision_parts
 from .reduction import VisionReduction
 from .schedule import ScheduleError
 from .select import spread_indices
+from .tower import clip_hidden_state, layers_run
 
 __all__ = [
     "VISIONZIP_CONTEXTUAL_FRACTION",
@@ -208,23 +209,22 @@ def visionzip_vision_forward(
     contextual: int,
     select_layer: int = -2,
 ) -> VisionReduction:
-    """Run a CLIP vision tower once and reduce ``hidden_states[select_layer]`` with VisionZip.
+    """Run a CLIP vision tower up to ``hidden_states[select_layer]`` and reduce it with VisionZip.
 
-    ``vision_model`` is a transformers ``CLIPVisionModel`` (or ``CLIPVisionTransformer``),
-    called as ``vision_model(pixel_values, output_hidden_states=True)``. The CLS attention
-    and keys come from the layer that produced ``hidden_states[select_layer]``, computed
-    from that layer's input (``hidden_states[select_layer - 1]``).
+    ``vision_model`` is a transformers ``CLIPVisionModel`` (or ``CLIPVisionTransformer``), run
+    layer by layer (``tower.clip_hidden_state``). The CLS attention and keys come from the
+    layer that produced ``hidden_states[select_layer]``, computed from that layer's input
+    (``hidden_states[select_layer - 1]``).
     """
     layers = clip_vision_parts(vision_model).layers
-    outputs = vision_model(pixel_values, output_hidden_states=True)
-    hidden_states = outputs.hidden_states
-    index = select_layer % len(hidden_states) if -len(hidden_states) <= select_layer < len(hidden_states) else None
-    if index is None or index == 0:
+    num_layers = len(layers)
+    if not (-num_layers - 1 <= select_layer <= num_layers) or select_layer in (0, -num_layers - 1):
         raise ValueError(
             f"prune method visionzip: select_layer {select_layer} names no layer's output "
-            f"(the tower has {len(layers)} layers; valid: 1..{len(layers)} or -{len(layers)}..-1)"
+            f"(the tower has {num_layers} layers; valid: 1..{num_layers} or -{num_layers}..-1)"
         )
-    layer = layers[index - 1]
-    query, keys = _normed_query_keys(layer, hidden_states[index - 1])
+    hidden, layer_input = clip_hidden_state(vision_model, pixel_values, select_layer)
+    layer = layers[layers_run(num_layers, select_layer) - 1]
+    query, keys = _normed_query_keys(layer, layer_input)
     scores = _cls_scores(layer.self_attn, query, keys)
-    return visionzip_select(hidden_states[index][:, 1:], scores, keys.mean(dim=1)[:, 1:], dominant, contextual)
+    return visionzip_select(hidden[:, 1:], scores, keys.mean(dim=1)[:, 1:], dominant, contextual)

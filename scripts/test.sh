@@ -2,9 +2,10 @@
 # The test suite, offline on CPU, at both ends of the tested transformers range.
 #   bash scripts/test.sh          the whole suite in .venv (installed from the lock), then the
 #                                 tests marked `compat` (those that meet transformers' internals)
-#                                 in .venv-lowest (the lowest transformers setup.py allows)
+#                                 in .venv-lowest (the lowest transformers setup.py allows) and in
+#                                 .venv-newest (the newest: requirements/newest.txt)
 #   bash scripts/test.sh ARGS...  only the locked run, ARGS going to pytest (e.g. -k builder -x)
-#   STACK=lowest|ranges bash scripts/test.sh [ARGS...]   one run on that stack (scripts/_venv.sh)
+#   STACK=lowest|newest|ranges bash scripts/test.sh [ARGS...]   one run on that stack (scripts/_venv.sh)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
@@ -36,3 +37,4 @@ if [ -n "${STACK:-}" ] || [ $# -gt 0 ]; then
 fi
 run_suite locked
 run_suite lowest -m compat
+run_suite newest -m compat

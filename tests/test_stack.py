@@ -17,6 +17,7 @@ pytestmark = pytest.mark.compat  # also on the lowest release: its environment m
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCK = os.path.join(ROOT, "requirements", "lock-cpu.txt")
 LOWEST = os.path.join(ROOT, "requirements", "lowest.txt")
+NEWEST = os.path.join(ROOT, "requirements", "newest.txt")
 
 
 def _check_lock():
@@ -52,6 +53,16 @@ def test_setup_py_compat_and_the_lowest_pins_state_one_transformers_range():
     assert Version(lowest["transformers"]) == low and declared.contains(low)
     locked = Version(_check_lock().read_pins(LOCK)["transformers"])
     assert declared.contains(locked) and locked > low  # the two CI environments test different releases
+
+
+def test_the_newest_pins_are_in_the_range_and_above_the_lock():
+    """The third CI environment tests a release the other two do not (requirements/newest.txt)."""
+    (declared,) = [r.specifier for r in _requirements(("",)) if r.name == "transformers"]
+    newest = Version(_check_lock().read_pins(NEWEST)["transformers"])
+    locked = Version(_check_lock().read_pins(LOCK)["transformers"])
+    assert declared.contains(newest) and newest > locked
+    (high,) = [Version(spec.version) for spec in declared if spec.operator == "<"]
+    assert (newest.major, newest.minor + 1) == (high.major, high.minor)  # the newest minor the range admits
 
 
 def test_torch_has_no_upper_cap():

@@ -73,6 +73,54 @@ def test_an_unknown_layout_names_the_version_and_the_tested_range(facts, problem
     assert "transformers 5.99.0" in message and compat.TESTED_RANGE_TEXT in message and problem in message
 
 
+def test_a_signature_showing_both_names_takes_the_one_the_undecorated_function_takes():
+    """transformers 5.25: ``create_causal_mask``'s deprecation decorator exposes ``past_key_values``
+    beside ``cache`` in the signature; the function underneath takes only ``cache``."""
+    both = ["config", "inputs_embeds", "cache", "layer_idx", "past_key_values"]
+    facts = _facts("cache", signatures=dict(_facts("cache")["signatures"], create_causal_mask=both),
+                   undecorated_signatures={"create_causal_mask": ["config", "inputs_embeds", "cache", "layer_idx"]})
+    layout = compat.resolve_layout(dict(facts, version="5.25.0"))
+    assert layout.cache_kwarg == "cache"
+    # the same facts where nothing tells the canonical name apart: refused, naming both lists
+    facts["undecorated_signatures"]["create_causal_mask"] = both
+    with pytest.raises(compat.TransformersLayoutError) as error:
+        compat.resolve_layout(facts)
+    message = str(error.value)
+    assert "create_causal_mask has more than one cache argument" in message and "undecorated" in message
+    assert compat.TESTED_RANGE_TEXT in message
+    # and an undecorated function with the *other* name decides for that one, so the rule is read, not assumed
+    facts["undecorated_signatures"]["create_causal_mask"] = ["config", "past_key_values", "layer_idx"]
+    with pytest.raises(compat.TransformersLayoutError, match="named differently"):
+        compat.resolve_layout(facts)
+
+
+def test_the_undecorated_parameters_are_read_under_a_decorator_that_rewrites_the_signature():
+    """A stand-in for 5.25's ``deprecate_kwarg(..., expose_in_signature=True)``, written here."""
+    import functools
+
+    def expose_old_name(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            if "past_key_values" in kwargs:
+                kwargs["cache"] = kwargs.pop("past_key_values")
+            return function(*args, **kwargs)
+
+        shown = inspect.signature(function)
+        extra = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+        wrapper.__signature__ = shown.replace(parameters=[*shown.parameters.values(), extra])
+        return wrapper
+
+    @expose_old_name
+    def make_mask(config, inputs_embeds, cache=None, layer_idx=None):
+        return cache
+
+    assert compat._parameters(make_mask) == ["config", "inputs_embeds", "cache", "layer_idx", "past_key_values"]
+    assert compat._undecorated_parameters(make_mask) == ["config", "inputs_embeds", "cache", "layer_idx"]
+    installed = compat.read_installed_layout()
+    for where, names in installed["undecorated_signatures"].items():
+        assert [n for n in compat.CACHE_NAMES if n in names] == [compat.CACHE_KWARG], where
+
+
 def test_a_known_layout_outside_the_tested_range_only_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="adsc_patch.compat"):
         layout = compat.resolve_layout(_facts("cache"))

@@ -60,7 +60,9 @@ def test_one_decoder_layer_tower_and_projector_count_what_runs(eager, random_ima
     pixels = process_images(random_images[:1], processor, model.config)
     tower = model.get_vision_tower()
     n = shape.tower.num_patches
-    assert _counted(lambda: tower(pixels)) == tower_flops(shape.tower, [n + 1] * shape.tower.num_layers)
+    # layers up to the selected hidden state (-2: all but the last) run, each on CLS + every patch
+    assert shape.tower.layers_to_feature == shape.tower.num_layers - 1
+    assert _counted(lambda: tower(pixels)) == tower_flops(shape.tower, [n + 1] * (shape.tower.num_layers - 1))
     features = torch.randn(1, n, shape.tower.hidden_size)
     assert _counted(lambda: model.model.mm_projector(features)) == projector_flops(shape.projector, n)
 

@@ -48,7 +48,7 @@ from adsc_patch import (
 from adsc_patch import compat
 from adsc_patch.fastv import DEFAULT_FASTV_LAYER, check_prune_layers
 from adsc_patch.methods import is_pre_llm
-from adsc_patch.tome import layers_run
+from adsc_patch.tower import layers_run
 from adsc_patch.prellm import PreLlmPlan, pre_llm_schedule, pre_llm_trace, reduce_images
 from adsc_patch.solve import MethodSchedule, solve_method
 from adsc_patch.schedule import kept_tokens, validate_drop_ratio

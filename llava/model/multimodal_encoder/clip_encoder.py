@@ -10,6 +10,8 @@ from torch import nn
 from transformers import AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from adsc_patch.tower import clip_hidden_state
+
 logger = logging.getLogger(__name__)
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -74,16 +76,18 @@ class CLIPVisionTower(nn.Module):
     def image_processor(self):
         return load_clip_image_processor(self.vision_tower_name)
 
-    def feature_select(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        features = hidden_states[self.select_layer]
-        return features[:, 1:] if self.select_feature == "patch" else features
+    def feature_select(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(n, 1 + N, D)`` -> the selected tokens (CLS dropped for ``"patch"``)."""
+        return hidden_states[:, 1:] if self.select_feature == "patch" else hidden_states
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(n, 3, H, W)`` pixels -> ``(n, num_patches, hidden_size)`` features."""
-        outputs = self.vision_tower(
-            images.to(device=self.device, dtype=self.dtype), output_hidden_states=True
-        )
-        return self.feature_select(outputs.hidden_states)
+        """``(n, 3, H, W)`` pixels -> ``(n, num_patches, hidden_size)`` features.
+
+        The layers up to ``select_layer`` run one by one (``adsc_patch.tower``): no output
+        capture, whose hooks can be doubled by a capturing call of the model holding the tower.
+        """
+        pixels = images.to(device=self.device, dtype=self.dtype)
+        return self.feature_select(clip_hidden_state(self.vision_tower, pixels, self.select_layer).hidden)
 
     @property
     def dtype(self) -> torch.dtype:
