@@ -13,7 +13,10 @@ schedule (how many per image and stage), the loop, the cache and the trace are s
 Token layout inside a stage (``B`` rows, ``T_s`` slots):
 
 * surviving tokens keep their relative order and their ORIGINAL position ids (RoPE sees
-  the positions of the full prompt, so decode steps continue from the full length);
+  the positions of the full prompt, so decode steps continue from the full length), except
+  for the methods in ``methods.RENUMBERS_POSITIONS`` (PyramidDrop as released): after every
+  drop a row's survivors are renumbered consecutively from its first position, and a decode
+  step's position in a stage is its original one minus the row's tokens dropped before it;
 * after a prune layer only real kept tokens remain (input padding is dropped too); rows
   that keep fewer tokens than the longest row are left-padded with masked slots (hidden
   state zero), so every row ends at the last slot and generated tokens append
@@ -40,7 +43,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import compat, fastv
-from .methods import IN_LLM_METHODS, PRE_LLM_METHODS, PRUNE_METHODS, SCORE_LAYER
+from .methods import IN_LLM_METHODS, PRE_LLM_METHODS, PRUNE_METHODS, RENUMBERS_POSITIONS, SCORE_LAYER
 from .scores import last_query_mask, query_attention, top_k_per_image
 from .schedule import ScheduleError, VisionSchedule, vision_schedule
 from .select import SELECTIONS, keep_sets
@@ -145,6 +148,13 @@ class PrefillState:
     prompt_length: int
     stage_first_layers: tuple[int, ...]
     stage_masks: list[torch.Tensor] = field(default_factory=list)  # (B, T_s) bool per stage
+    renumbered: bool = False  # survivors renumbered after each drop (methods.RENUMBERS_POSITIONS)
+
+    def position_offsets(self) -> list[torch.Tensor]:
+        """Per stage, ``(B, 1)``: what a decode position drops by there (the row's prompt
+        tokens dropped before the stage when renumbered, else 0)."""
+        real = [mask.sum(1, keepdim=True) for mask in self.stage_masks]
+        return [(real[0] - count) if self.renumbered else torch.zeros_like(count) for count in real]
 
     def stage_lengths(self) -> list[int]:
         return [m.shape[1] for m in self.stage_masks]
@@ -436,6 +446,8 @@ def pruned_decoder_forward(
 
     hidden = inputs_embeds
     positions = position_ids
+    renumber = plan.method in RENUMBERS_POSITIONS
+    first_position = position_ids.masked_fill(~slot_mask, torch.iinfo(position_ids.dtype).max).amin(1, keepdim=True)
     slot_index = torch.arange(length, device=inputs_embeds.device).expand(batch, -1)
     stage_masks: list[torch.Tensor] = []
     kept_positions: list[list[torch.Tensor]] = []
@@ -460,6 +472,8 @@ def pruned_decoder_forward(
             hidden = _gather_slots(hidden, src, valid)
             positions = positions.gather(1, src).masked_fill(~valid, 0)
             slot_mask = slot_mask.gather(1, src) & valid
+            if renumber:
+                positions = (first_position + slot_mask.cumsum(1) - 1).masked_fill(~slot_mask, 0)
             slot_index = slot_index.gather(1, src).masked_fill(~valid, -1)
         stage_masks.append(slot_mask)
         present = vision.gather(1, slot_index.clamp(min=0)) & (slot_index >= 0)
@@ -483,7 +497,7 @@ def pruned_decoder_forward(
         setattr(
             cache,
             ADSC_STATE_ATTR,
-            PrefillState(length, tuple(first for first, _ in schedule_bounds), stage_masks),
+            PrefillState(length, tuple(first for first, _ in schedule_bounds), stage_masks, renumber),
         )
     trace = PruningTrace(
         prune_layers=plan.prune_layers,
@@ -511,6 +525,7 @@ def _decode_step(decoder, state, schedule_bounds, inputs_embeds, attention_mask,
     if position_ids is None:
         position_ids = (torch.arange(length, device=inputs_embeds.device) + seen).unsqueeze(0)
     positions = position_ids.expand(batch, -1)
+    offsets = state.position_offsets()
     hidden = inputs_embeds
     for stage, (first, end) in enumerate(schedule_bounds):
         if end == first:
@@ -523,7 +538,7 @@ def _decode_step(decoder, state, schedule_bounds, inputs_embeds, attention_mask,
             tail = torch.ones(batch, extra, dtype=torch.bool, device=prefill_mask.device)
         mask2d = torch.cat([prefill_mask, tail.to(prefill_mask.device)], dim=1)
         hidden = _run_stage(
-            decoder, decoder.layers[first:end], hidden, mask2d, positions, cache, use_cache,
-            first, stage == 0, kwargs,
+            decoder, decoder.layers[first:end], hidden, mask2d, positions - offsets[stage].to(positions.device),
+            cache, use_cache, first, stage == 0, kwargs,
         )
     return hidden

@@ -4,7 +4,7 @@ received the most attention from the last prompt token at layer ``K-1``.
 One prune layer; the attention row is computed by ``scores.query_attention`` from layer
 ``K-1``'s own projections (softmax over all keys it sees, mean over heads), so the model
 never turns on eager attention. Survivors keep their original position ids (FastV's own
-convention, shared by every in-LLM method here). The keep count per image comes from the
+convention, as in its KV-cache variant; ADSC's too; PyramidDrop renumbers them). The keep count per image comes from the
 shared schedule (``floor((1 - r) * N)``, solved for a budget like ADSC's).
 """
 

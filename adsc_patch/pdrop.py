@@ -7,6 +7,13 @@ mean over heads), before the layer runs, so the tokens it drops never enter it. 
 training the query is the token before each answer span (``scores.answer_query_mask``),
 as PyramidDrop ranks with the last instruction token there too.
 
+Positions, as released (``pdrop_forward`` in Cooperx521/PyramidDrop's
+``llava/model/modeling_llama_pdrop.py``): after every drop the survivors' position ids are
+renumbered ``0..len-1`` (``methods.RENUMBERS_POSITIONS``), so a later stage's RoPE, and so
+its ranking, see compacted positions; a decode step's position is shifted down, stage by
+stage, by the tokens dropped before it. The variant ``pdrop_original_ids`` keeps the
+original ids instead (the convention of ``adsc`` and ``fastv``).
+
 ``lambda`` is ``1 - drop_ratio`` of the shared schedule (``floor(lambda * n)`` per image and
 stage), so the budget solver is ADSC's. The default prune layers are ADSC's (2, 6, 12, 20 of
 32), so the two differ only in how they pick; PyramidDrop's published setting is

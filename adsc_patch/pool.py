@@ -1,21 +1,22 @@
 """2-D average pooling of the patch grid: the content-blind pre-LLM baseline.
 
-The ``h x w`` patch grid of an image is cut into ``h2 x w2`` non-overlapping rectangular
-bins and every bin becomes one token, the plain mean of its patches' features. Output row
-``i`` covers input rows ``[floor(i * h / h2), floor((i + 1) * h / h2))``, columns likewise,
-so bins differ in size by at most one row or column when ``h2`` does not divide ``h``.
+The ``h x w`` patch grid of an image is pooled into ``h2 x w2`` tokens by torch's
+``adaptive_avg_pool2d`` (what LLaVA-NeXT-style code uses; pooling has no released
+original of its own): output row ``i`` averages input rows ``[floor(i * h / h2),
+ceil((i + 1) * h / h2))``, columns likewise, so neighbouring bins overlap by one row or
+column where ``h2`` does not divide ``h``, and every bin is a plain mean of its patches.
 
 It acts where ``tome`` and ``visionzip`` do: on the vision tower's patch features (CLS
-dropped), before the projector. It reads nothing but the grid shape; every patch is kept
-(no group is -1). Output tokens are the bins in raster order, which is also
-``reduction.py``'s order (by each token's first patch).
+dropped), before the projector. It reads nothing but the grid shape. Output tokens are the
+bins in raster order, which is also ``reduction.py``'s order (by each token's first patch).
+``groups`` gives every patch one token: the first bin (raster order) that holds it; no
+patch is dropped (no group is -1).
 
 ``pool_shape`` picks the bin grid for a budget: the ``h2 x w2`` (``1 <= h2 <= h``,
 ``1 <= w2 <= w``) whose token count is closest to the budget, then the one whose aspect
 ratio is closest to the grid's (``|log((h2 / w2) / (h / w))|``), then the one with
 ``h2 <= w2``. On LLaVA-1.5's 24x24 grid: 192 -> 12x16, 128 -> 8x16, 64 -> 8x8.
 """
-
 from __future__ import annotations
 
 import math
@@ -23,6 +24,7 @@ from fractions import Fraction
 from numbers import Real
 
 import torch
+import torch.nn.functional as F
 
 from .reduction import VisionReduction
 from .schedule import ScheduleError
@@ -62,13 +64,15 @@ def pool_shape(grid: tuple[int, int], budget: float) -> tuple[int, int]:
     return min(((rows, cols) for rows in range(1, height + 1) for cols in range(1, width + 1)), key=cost)
 
 
-def _bins(size: int, count: int) -> list[int]:
-    """Bin of every input index when ``size`` indices are cut into ``count`` bins."""
-    return [bin_ for bin_ in range(count) for _ in range(bin_ * size // count, (bin_ + 1) * size // count)]
+def _first_bins(size: int, count: int) -> list[int]:
+    """The first adaptive-pooling bin holding every input index (bin ``i`` spans
+    ``[floor(i * size / count), ceil((i + 1) * size / count))``)."""
+    return [min(i for i in range(count) if i * size // count <= index < -(-(i + 1) * size // count))
+            for index in range(size)]
 
 
 def pool_groups(grid: tuple[int, int], out_shape: tuple[int, int]) -> torch.Tensor:
-    """``(h * w,)`` long: the bin (output token, raster order) of every patch."""
+    """``(h * w,)`` long: the first bin (output token, raster order) holding every patch."""
     height, width = _check_grid(grid)
     rows, cols = _check_grid(out_shape)
     if rows > height or cols > width:
@@ -76,8 +80,8 @@ def pool_groups(grid: tuple[int, int], out_shape: tuple[int, int]) -> torch.Tens
             f"prune method pool: cannot pool a {height}x{width} patch grid into {rows}x{cols} bins "
             f"(at most {height}x{width})"
         )
-    row_bin = torch.tensor(_bins(height, rows), dtype=torch.long)
-    col_bin = torch.tensor(_bins(width, cols), dtype=torch.long)
+    row_bin = torch.tensor(_first_bins(height, rows), dtype=torch.long)
+    col_bin = torch.tensor(_first_bins(width, cols), dtype=torch.long)
     return (row_bin[:, None] * cols + col_bin[None, :]).reshape(-1)
 
 
@@ -89,9 +93,7 @@ def pool_features(features: torch.Tensor, grid: tuple[int, int], out_shape: tupl
             f"prune method pool: features {tuple(features.shape)} are not (images, {height}*{width}, dim)"
         )
     groups = pool_groups(grid, out_shape).to(features.device)
-    num_tokens = out_shape[0] * out_shape[1]
-    members = torch.zeros(num_tokens, height * width, device=features.device)
-    members[groups, torch.arange(height * width, device=features.device)] = 1.0
-    weights = members / members.sum(dim=1, keepdim=True)  # (k, N), rows sum to 1
-    pooled = torch.matmul(weights, features.float()).to(features.dtype)
-    return VisionReduction(features=pooled, groups=groups.unsqueeze(0).expand(features.shape[0], -1).clone())
+    n, _, dim = features.shape
+    image = features.float().transpose(1, 2).reshape(n, dim, height, width)
+    pooled = F.adaptive_avg_pool2d(image, out_shape).flatten(2).transpose(1, 2).to(features.dtype)
+    return VisionReduction(features=pooled, groups=groups.unsqueeze(0).expand(n, -1).clone())

@@ -20,6 +20,7 @@ from .reduction import PRE_LLM_METHODS, VisionReduction
 from .schedule import ScheduleError, VisionSchedule
 from .tome import tome_merge_counts, tome_vision_forward
 from .tower import clip_hidden_state
+from .visionzip import RULES as VISIONZIP_RULES
 from .visionzip import visionzip_split, visionzip_vision_forward
 
 __all__ = ["PreLlmPlan", "pre_llm_schedule", "pre_llm_trace", "reduce_images", "solve_pre_llm"]
@@ -50,7 +51,7 @@ def solve_pre_llm(method: str, budget: float, grid: tuple[int, int], num_layers_
     if method == "pool":
         setting = tuple(pool_shape(grid, budget))
         count = setting[0] * setting[1]
-    elif method == "visionzip":
+    elif method in VISIONZIP_RULES:
         setting = tuple(visionzip_split(budget, num_patches))
         count = sum(setting)
     else:
@@ -66,11 +67,13 @@ def pre_llm_schedule(plan: PreLlmPlan, num_decoder_layers: int) -> VisionSchedul
 
 
 def reduce_images(plan: PreLlmPlan, vision_model, pixel_values: torch.Tensor, select_layer: int) -> VisionReduction:
-    """Run the CLIP ``vision_model`` on ``(n, 3, H, W)`` pixels under ``plan``; patch features only (CLS dropped)."""
+    """Run the CLIP ``vision_model`` on ``(n, 3, H, W)`` pixels under ``plan``; the tokens handed on (patch
+    features; released VisionZip hands CLS on as its first token)."""
     if plan.method == "tome":
         return tome_vision_forward(vision_model, pixel_values, plan.setting, select_layer)
-    if plan.method == "visionzip":
-        return visionzip_vision_forward(vision_model, pixel_values, *plan.setting, select_layer=select_layer)
+    if plan.method in VISIONZIP_RULES:
+        return visionzip_vision_forward(vision_model, pixel_values, *plan.setting, select_layer=select_layer,
+                                        rule=VISIONZIP_RULES[plan.method])
     hidden = clip_hidden_state(vision_model, pixel_values, select_layer).hidden[:, 1:]
     return pool_features(hidden, plan.grid, plan.setting)
 

@@ -25,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+from .methods import SCORE_LAYER
 from .schedule import VisionSchedule
 
 __all__ = [
@@ -240,7 +241,7 @@ def scoring_flops(shape: DecoderShape, method: str, tokens_at_scoring: Sequence[
     """Extra FLOPs of the score-based methods: per ranking, the query row's q projection and
     the keys of every token it sees, then one row of ``QK^T`` (FastV, PyramidDrop); zero for
     the others."""
-    if method not in ("fastv", "pdrop"):
+    if method not in SCORE_LAYER:
         return 0
     d, heads, kv_heads, hd = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim
     return sum(2 * d * heads * hd + 2 * n * d * kv_heads * hd + 2 * n * heads * hd for n in tokens_at_scoring)
@@ -292,9 +293,7 @@ def model_cost(shape: ModelShape, method: str | None, budget: float | None, work
                 for merged in solved.pre_llm.setting:
                     tower_tokens.append(current)
                     current -= merged
-        elif method in ("fastv", "pdrop"):
-            from .methods import SCORE_LAYER
-
+        elif method in SCORE_LAYER:
             per_layer = schedule.tokens_per_layer
 
             def before_drop(prune_layer: int) -> int:  # the tokens the ranking query sees

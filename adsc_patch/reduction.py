@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["PRE_LLM_METHODS", "VisionReduction", "group_sizes"]
 
-PRE_LLM_METHODS = ("tome", "visionzip", "pool")
+PRE_LLM_METHODS = ("tome", "visionzip", "pool", "visionzip_spread")
 
 
 @dataclass

@@ -50,7 +50,11 @@ BASELINES = {
     "tome": ("ToMe", "tome", None),
     "visionzip": ("VisionZip", "visionzip", None),
     "pool": ("2-D pooling", "pool", None),
+    # the documented variants (docs/methods.md), not in the default run: --config '{"baselines": [...]}'
+    "pdrop_original_ids": ("PyramidDrop, original position ids", "pdrop_original_ids", None),
+    "visionzip_spread": ("VisionZip, spread variant", "visionzip_spread", None),
 }
+DEFAULT_BASELINES = ("random", "fastv", "pdrop", "tome", "visionzip", "pool")
 
 
 @dataclass
@@ -92,7 +96,7 @@ class StudyConfig:
     eval_batch: int = 32
     ablations: bool = False
     ablation_budget: str = "1of9"  # Tables II/III analogs at this budget (the paper's are at 192 of 576)
-    baselines: tuple = tuple(BASELINES)  # training-free rows of every one at every budget (default run)
+    baselines: tuple = DEFAULT_BASELINES  # training-free rows of every one at every budget (default run)
     baselines_finetuned: bool = False  # also fine-tune each baseline with ADSC's recipe at ablation_budget
     full_ft_lr: float = 3e-4
     budgets: tuple = field(default_factory=lambda: tuple(name for name, _ in BUDGETS))
@@ -247,8 +251,9 @@ class Study:
         the first of them: layer 1 of 16 is FastV's K = 2 of 32), so they differ from ADSC only
         in how they pick; the pre-LLM methods take no layers."""
         _, method, selection = BASELINES[baseline]
-        layers = {"fastv": list(self.config.prune_layers[:1]), "adsc": list(self.config.prune_layers),
-                  "pdrop": list(self.config.prune_layers)}.get(method, [])
+        in_decoder = list(self.config.prune_layers)
+        layers = {"fastv": in_decoder[:1], "adsc": in_decoder, "pdrop": in_decoder,
+                  "pdrop_original_ids": in_decoder}.get(method, [])
         schedule = {"prune_layers": layers, "vision_token_budget": self.budget_tokens(fraction), "method": method}
         if selection:
             schedule["selection"] = selection

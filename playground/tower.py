@@ -31,6 +31,8 @@ from tqdm import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from adsc_patch.tower import clip_hidden_state
+
 from .digitgrid import CELL, GRID, IMAGE_SIZE, Grid, random_grid
 
 logger = logging.getLogger(__name__)
@@ -141,8 +143,9 @@ def _batch(rng, processor, size: int, split: str, jitter: int, rotate: float = 0
 
 
 def _features(tower, pixels: torch.Tensor) -> torch.Tensor:
-    """Patch features of the layer LLaVA reads (CLS dropped), ``(B, P, D)``."""
-    return tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    """Patch features of the layer LLaVA reads (CLS dropped), ``(B, P, D)``, computed as LLaVA's
+    tower computes them (``adsc_patch.tower``: the layers up to it, no output capture)."""
+    return clip_hidden_state(tower, pixels, -2).hidden[:, 1:]
 
 
 def _evaluate(tower, heads, objective, processor, seed, device) -> dict:

@@ -10,14 +10,16 @@ from llava.mm_utils import tokenizer_image_token
 QUESTIONS = ("What is this?", "Describe the image in detail please.", "Is there a cat?")
 
 
-def tiny_eager_decoder(num_layers: int):
+def tiny_eager_decoder(num_layers: int, rope_theta: float = 10000.0):
     """A random Llama decoder (64 wide, 4 query / 2 key-value heads) on eager attention, so its
-    ``output_attentions`` maps are the reference of the score-based methods."""
+    ``output_attentions`` maps are the reference of the score-based methods. A small
+    ``rope_theta`` makes its attention sensitive to positions a few tokens apart."""
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
     config._attn_implementation = "eager"
     return LlamaModel(config).eval()
 

@@ -27,9 +27,10 @@ def test_every_method_meets_the_papers_budgets_within_one_token(llava_7b_shape, 
     schedule = llava_7b_shape.configure_pruning(method=method, vision_token_budget=budget)
     assert abs(schedule.average_tokens - budget) <= 1
     assert abs(sum(schedule.tokens_per_layer) / 32 - budget) <= 1
-    expected_layers = {"fastv": (2,), "adsc": (2, 6, 12, 20), "pdrop": (2, 6, 12, 20)}.get(method, (0,))
+    expected_layers = {"fastv": (2,), "adsc": (2, 6, 12, 20), "pdrop": (2, 6, 12, 20),
+                       "pdrop_original_ids": (2, 6, 12, 20)}.get(method, (0,))
     assert schedule.prune_layers == expected_layers
-    if method in ("tome", "visionzip", "pool"):  # reduced before the decoder: the same count in every layer
+    if method in ("tome", "visionzip", "pool", "visionzip_spread"):  # reduced before the decoder: the same count in every layer
         assert set(schedule.tokens_per_layer) == {schedule.stage_tokens[-1]}
         assert llava_7b_shape.config.prune_layers == [] and llava_7b_shape.config.vision_token_budget == budget
     assert llava_7b_shape.config.prune_method == method

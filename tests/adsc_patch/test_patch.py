@@ -126,7 +126,7 @@ def test_patched_hf_generation_equals_the_uncached_loop_and_caches_the_schedule(
         remove_adsc(hf)
 
 
-@pytest.mark.parametrize("method, layers", [("fastv", [2]), ("pdrop", [1, 3])])
+@pytest.mark.parametrize("method, layers", [("fastv", [2]), ("pdrop", [1, 3]), ("pdrop_original_ids", [1, 3])])
 def test_patched_hf_score_based_methods_equal_ours(pair, random_images, method, layers):
     hf, ours, tokenizer, processor = pair
     seqs = [prompt_ids(tokenizer, q) for q in QUESTIONS]

@@ -1,4 +1,5 @@
-"""2-D average pooling against a slow per-bin reference and an exhaustive shape search."""
+"""2-D average pooling against torch's ``adaptive_avg_pool2d``, a slow per-bin reference of its
+overlapping bins, and an exhaustive shape search."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adsc_patch.pool import pool_features, pool_groups, pool_shape
 from adsc_patch.reduction import group_sizes
@@ -15,6 +17,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bin_bounds(size: int, count: int, index: int) -> range:
+    """Adaptive pooling's bin: ``[floor(i * size / count), ceil((i + 1) * size / count))``."""
+    return range(math.floor(index * size / count), math.ceil((index + 1) * size / count))
+
+
+def disjoint_bounds(size: int, count: int, index: int) -> range:
+    """Our first reading (non-overlapping bins), kept here as the negative control."""
     return range(math.floor(index * size / count), math.floor((index + 1) * size / count))
 
 
@@ -69,7 +77,7 @@ def test_shape_errors_name_the_method_and_range(budget):
 
 @pytest.mark.parametrize("grid, out_shape", [((24, 24), (12, 16)), ((24, 24), (8, 16)), ((11, 11), (3, 9)),
                                              ((11, 11), (2, 7)), ((5, 9), (5, 9)), ((7, 3), (1, 1))])
-def test_groups_partition_the_grid_into_the_stated_bins(grid, out_shape):
+def test_groups_give_every_patch_the_first_bin_that_holds_it(grid, out_shape):
     h, w = grid
     rows, cols = out_shape
     groups = pool_groups(grid, out_shape)
@@ -79,8 +87,8 @@ def test_groups_partition_the_grid_into_the_stated_bins(grid, out_shape):
         for j in range(cols):
             for r in bin_bounds(h, rows, i):
                 for c in bin_bounds(w, cols, j):
-                    assert expected[r, c] == -1  # bins do not overlap
-                    expected[r, c] = i * cols + j
+                    if expected[r, c] == -1:  # bins overlap: the first one (raster order) keeps the patch
+                        expected[r, c] = i * cols + j
     assert (expected >= 0).all()  # and they cover the grid
     assert torch.equal(groups, expected.flatten())
     sizes = group_sizes(groups.unsqueeze(0), rows * cols)
@@ -98,12 +106,23 @@ def test_features_equal_slow_bin_means(grid, out_shape):
     assert reduction.features.shape == (3, rows * cols, 5) and reduction.num_tokens == rows * cols
     assert reduction.groups.shape == (3, h * w)
     grid_features = features.view(3, h, w, 5)
+    operator = F.adaptive_avg_pool2d(grid_features.permute(0, 3, 1, 2), out_shape)  # (3, 5, rows, cols)
+    torch.testing.assert_close(reduction.features, operator.flatten(2).transpose(1, 2), atol=1e-6, rtol=1e-6)
+    overlapping = False
     for i in range(rows):
         for j in range(cols):
             r = bin_bounds(h, rows, i)
             c = bin_bounds(w, cols, j)
             expected = grid_features[:, r.start:r.stop, c.start:c.stop].reshape(3, -1, 5).mean(1)
             torch.testing.assert_close(reduction.features[:, i * cols + j], expected, atol=1e-6, rtol=1e-6)
+            r0, c0 = disjoint_bounds(h, rows, i), disjoint_bounds(w, cols, j)
+            overlapping |= (r0, c0) != (r, c)
+    if overlapping:  # negative control: non-overlapping bins are not what the operator computes
+        disjoint = torch.stack([grid_features[:, r.start:r.stop, c.start:c.stop].reshape(3, -1, 5).mean(1)
+                                for r in (disjoint_bounds(h, rows, i) for i in range(rows))
+                                for c in (disjoint_bounds(w, cols, j) for j in range(cols))], 1)
+        assert not torch.allclose(reduction.features, disjoint, atol=1e-3)
+    assert overlapping == (h % rows != 0 or w % cols != 0)
     for image in range(3):
         assert torch.equal(reduction.groups[image], pool_groups(grid, out_shape))
 
@@ -112,7 +131,7 @@ def test_features_keep_dtype():
     features = torch.randn(1, 121, 4, dtype=torch.bfloat16)
     reduction = pool_features(features, (11, 11), (3, 9))
     assert reduction.features.dtype == torch.bfloat16
-    expected = features.float().view(1, 11, 11, 4)[:, 0:3, 0:1].reshape(1, -1, 4).mean(1)
+    expected = features.float().view(1, 11, 11, 4)[:, 0:4, 0:2].reshape(1, -1, 4).mean(1)  # rows [0, 4), cols [0, 2)
     torch.testing.assert_close(reduction.features[:, 0].float(), expected, atol=1e-2, rtol=1e-2)
 
 

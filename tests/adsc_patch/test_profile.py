@@ -26,7 +26,8 @@ from tests.helpers import QUESTIONS, prompt_ids
 
 pytestmark = [pytest.mark.compat, pytest.mark.usefixtures("one_thread")]
 
-BUDGETS = {"adsc": 12, "fastv": 12, "pdrop": 12, "tome": 20, "visionzip": 20, "pool": 20}
+BUDGETS = {"adsc": 12, "fastv": 12, "pdrop": 12, "tome": 20, "visionzip": 20, "pool": 20,
+           "pdrop_original_ids": 12, "visionzip_spread": 20}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_profile_matches_the_trace_the_cache_and_the_counted_flops_of_every_meth
             assert model.pruning_trace.tokens_per_layer[0].tolist() == list(cost.tokens_per_layer)
         in_decoder = sum(layer_flops(_shape(model).decoder, n, n) for n in cost.tokens_per_layer)
         assert counted == in_decoder + cost.scoring_flops, (method, counted - in_decoder, cost.scoring_flops)
-        assert (cost.scoring_flops > 0) == (method in ("fastv", "pdrop"))
+        assert (cost.scoring_flops > 0) == (method in ("fastv", "pdrop", "pdrop_original_ids"))
     finally:
         model.configure_pruning(method="adsc", prune_layers=[], drop_ratio=0.0)
 

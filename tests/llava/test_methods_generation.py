@@ -23,15 +23,19 @@ from tests.helpers import QUESTIONS, pad_batch, prompt_ids
 pytestmark = [pytest.mark.compat, pytest.mark.usefixtures("one_thread")]
 
 # the layer whose attention ranks the tokens dropped at prune layer p (FastV: K-1; PyramidDrop: p itself)
-SCORE_LAYER = {"fastv": lambda p: p - 1, "pdrop": lambda p: p}
+SCORE_LAYER = {"fastv": lambda p: p - 1, "pdrop": lambda p: p, "pdrop_original_ids": lambda p: p}
+# PyramidDrop as released renumbers the survivors 0..len-1 after each drop; the others keep original ids
+RENUMBERED = {"pdrop"}
 STEPS = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
 # tiny_deep: 8 decoder layers, 36 vision tokens (6x6), a 2-layer tower (1 layer runs for -2)
 SETTINGS = {
     "fastv": dict(vision_token_budget=12.0),
     "pdrop": dict(vision_token_budget=12.0),
     "pdrop-3": dict(vision_token_budget=16.0, prune_layers=[1, 3, 5]),
+    "pdrop_original_ids-3": dict(vision_token_budget=16.0, prune_layers=[1, 3, 5]),
     "tome": dict(vision_token_budget=20),
     "visionzip": dict(vision_token_budget=20),
+    "visionzip_spread": dict(vision_token_budget=20),
     "pool": dict(vision_token_budget=20),
 }
 
@@ -57,12 +61,12 @@ def _causal(n, dtype):
     return torch.full((n, n), torch.finfo(dtype).min).triu(1)[None, None]
 
 
-def _eager_row(eager, layer_idx, hidden, index):
+def _eager_row(eager, layer_idx, hidden, positions):
     """The last token's attention row in ``layer_idx`` from transformers' eager attention, mean over heads."""
     layer = eager.layers[layer_idx]
     _, weights = layer.self_attn(hidden_states=layer.input_layernorm(hidden),
-                                 attention_mask=_causal(len(index), hidden.dtype),
-                                 position_embeddings=eager.rotary_emb(hidden, index[None]))
+                                 attention_mask=_causal(len(positions), hidden.dtype),
+                                 position_embeddings=eager.rotary_emb(hidden, positions[None]))
     return weights[0].mean(0)[-1]
 
 
@@ -76,9 +80,13 @@ def _slow_forward(model, embeds, vision, schedule, method, rows_from=None):
     score_at = {SCORE_LAYER[method](p): p for p in schedule.prune_layers}
     hidden, index = embeds, torch.arange(embeds.shape[1])
     rows, kept = {}, []
+
+    def positions():  # of the shortened sequence: renumbered 0..len-1, or the original ids
+        return torch.arange(len(index)) if method in RENUMBERED else index
+
     for layer_idx, layer in enumerate(inner.layers):
         if layer_idx in score_at and rows_from is None:
-            rows[score_at[layer_idx]] = _eager_row(eager, layer_idx, hidden, index)
+            rows[score_at[layer_idx]] = _eager_row(eager, layer_idx, hidden, positions())
         if layer_idx in schedule.prune_layers:
             stage = schedule.prune_layers.index(layer_idx) + 1
             slots = torch.nonzero(vision[index]).flatten()
@@ -92,7 +100,7 @@ def _slow_forward(model, embeds, vision, schedule, method, rows_from=None):
             hidden, index = hidden[:, survive], index[survive]
             kept.append(set(index[vision[index]].tolist()))
         hidden = layer(hidden, attention_mask=_causal(len(index), hidden.dtype),
-                       position_embeddings=inner.rotary_emb(hidden, index[None]))
+                       position_embeddings=inner.rotary_emb(hidden, positions()[None]))
     return model.lm_head(inner.norm(hidden))[0, -1], kept
 
 
@@ -166,7 +174,7 @@ def test_every_layer_caches_text_and_the_methods_vision_tokens(configured, rando
     assert abs(schedule.average_tokens - model.config.vision_token_budget) <= 1
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "pdrop_original_ids"])
 def test_with_labels_the_token_before_the_answer_ranks(deep, random_images, method):
     """Training: the answer is in the sequence, so the last token is not the query; the token
     before the answer is, as at inference (checked against the eager map at that token)."""

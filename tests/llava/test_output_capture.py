@@ -30,8 +30,10 @@ SETTINGS = {
     "tome": dict(method="tome", vision_token_budget=20),
     "visionzip": dict(method="visionzip", vision_token_budget=20),
     "pool": dict(method="pool", vision_token_budget=9),
+    "pdrop_original_ids": dict(method="pdrop_original_ids", prune_layers=[2, 4, 6], drop_ratio=0.5),
+    "visionzip_spread": dict(method="visionzip_spread", vision_token_budget=20),
 }
-IN_DECODER = {"adsc", "fastv", "pdrop"}
+IN_DECODER = {"adsc", "fastv", "pdrop", "pdrop_original_ids"}
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from PIL import Image
 from adsc_patch import ScheduleError
 from adsc_patch.profile import ModelShape, Workload, model_cost
 from llava.cli import InputError
+from llava.constants import IGNORE_INDEX
 from llava.mm_utils import ImageLoadError, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.model.pruning_setting import PruningSetting
@@ -48,7 +49,9 @@ def image_path(tmp_path_factory):
 
 
 def _uncached_greedy(engine, image, history, question, setting, steps):
-    """Greedy decoding by full forwards without a cache, the setting stored on the config."""
+    """Greedy decoding by full forwards without a cache, the setting stored on the config. The
+    tokens generated so far are passed as labels, so the score-based methods rank with the
+    token before them, the last prompt token, as a cached generation ranks once at prefill."""
     model, tokenizer = engine.model, engine.tokenizer
     saved = PruningSetting.of_config(model.config)
     setting.store(model.config)
@@ -59,7 +62,10 @@ def _uncached_greedy(engine, image, history, question, setting, steps):
         with torch.no_grad():
             for _ in range(steps):
                 seq = torch.cat([ids, torch.tensor([generated], dtype=torch.long)], 1) if generated else ids
-                logits = model(input_ids=seq, images=pixels, use_cache=False).logits[0, -1]
+                labels = torch.full_like(seq, IGNORE_INDEX)
+                labels[0, ids.shape[1]:] = seq[0, ids.shape[1]:]
+                logits = model(input_ids=seq, images=pixels, labels=labels if generated else None,
+                               use_cache=False).logits[0, -1]
                 generated.append(int(logits.argmax()))
                 if generated[-1] == tokenizer.eos_token_id:
                     break
