@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import logging
+
 from .cli import InputError
 from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
@@ -20,7 +22,13 @@ __all__ = [
     "tokenizer_image_token",
     "tokenizer_image_token_with_offsets",
     "get_model_name_from_path",
+    "context_length",
+    "fit_new_tokens",
+    "prompt_length_with_images",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 class ImageLoadError(InputError):
@@ -156,3 +164,33 @@ def get_model_name_from_path(model_path: str) -> str:
     if parts[-1].startswith("checkpoint-") and len(parts) > 1:
         return f"{parts[-2]}_{parts[-1]}"
     return parts[-1]
+
+
+def context_length(config) -> int:
+    """Tokens a model reads at most: the training context (``tokenizer_model_max_length``), else
+    ``max_position_embeddings``."""
+    return getattr(config, "tokenizer_model_max_length", None) or config.max_position_embeddings
+
+
+def prompt_length_with_images(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                              tokens_per_image: int) -> int:
+    """Tokens of the longest prompt of a ``(B, L)`` batch once each image marker is replaced by
+    ``tokens_per_image`` vision tokens (padding not counted)."""
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    markers = ((input_ids == IMAGE_TOKEN_INDEX) & real).sum(1)
+    return int((real.sum(1) + markers * (tokens_per_image - 1)).max())
+
+
+def fit_new_tokens(prompt_tokens: int, max_new_tokens: int, context: int, fix: str) -> int:
+    """``max_new_tokens`` cut to the room the context leaves after the prompt (one log line when
+    it cuts). A prompt that leaves no room raises ``InputError``; ``fix`` says what helps
+    (e.g. "start a new chat" or "shorten --query")."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise InputError(f"the prompt is {prompt_tokens} tokens with its image(s), which fills the context length "
+                         f"of {context}: {fix}")
+    if max_new_tokens > room:
+        logger.info("max_new_tokens %d cut to %d: the prompt is %d tokens of the context length %d",
+                    max_new_tokens, room, prompt_tokens, context)
+        return room
+    return max_new_tokens

@@ -38,7 +38,8 @@ from tqdm import tqdm
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from ..conversation import get_conv_template
 from ..cli import add_debug_arg
-from ..mm_utils import ImageLoadError, check_image, get_model_name_from_path, load_image, process_images, tokenizer_image_token
+from ..mm_utils import (ImageLoadError, check_image, context_length, fit_new_tokens, get_model_name_from_path,
+                        load_image, process_images, prompt_length_with_images, tokenizer_image_token)
 from ..model.builder import load_pretrained_model, resolve_checkpoint
 from ..model.fingerprint import weights_fingerprint
 from .io import EvalInputError, write_json_atomic
@@ -402,6 +403,7 @@ def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> st
         collate_fn=_collate_left(tokenizer.pad_token_id),
     )
     generation = generation_kwargs(args, tokenizer.pad_token_id)
+    context = context_length(model.config)
     with tqdm(total=len(runnable), desc=os.path.basename(args.answers_file), unit="q") as progress:
         for indices, input_ids, mask, pixels, failed in loader:
             _handle_bad_questions(answers, [(runnable[i], message) for i, message in failed], policy, model_name)
@@ -411,8 +413,11 @@ def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> st
             input_ids, mask = input_ids.to(model.device), mask.to(model.device)
             if pixels is not None:
                 pixels = pixels.to(model.device, dtype=model.dtype)
+            length = prompt_length_with_images(input_ids, mask, model.get_vision_tower().num_patches)
+            fitted = fit_new_tokens(length, args.max_new_tokens, context, "the question is too long for this model")
             with torch.inference_mode():
-                output_ids = model.generate(input_ids, images=pixels, attention_mask=mask, **generation)
+                output_ids = model.generate(input_ids, images=pixels, attention_mask=mask,
+                                            **dict(generation, max_new_tokens=fitted))
             texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True)
             answers.append([_record(runnable[i], t.strip(), model_name) for i, t in zip(indices, texts)])
             progress.update(len(indices))

@@ -18,7 +18,8 @@ from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAUL
 from llava.conversation import get_conv_template
 from llava.eval.inference import add_model_args, generation_kwargs, load_model_from_args
 from llava.eval.pruning_args import add_pruning_args, apply_pruning_args
-from llava.mm_utils import load_image, process_images, tokenizer_image_token
+from llava.mm_utils import (context_length, fit_new_tokens, load_image, process_images, prompt_length_with_images,
+                            tokenizer_image_token)
 
 
 def build_prompt(query: str, conv_mode: str, use_im_start_end: bool, with_image: bool = True) -> str:
@@ -75,8 +76,12 @@ def run(args: argparse.Namespace) -> str:
                          f"but --image-file gives {len(images)}")
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None].to(model.device)
     pixels = process_images(images, image_processor, model.config).to(model.device, model.dtype)
+    generation = generation_kwargs(args, tokenizer.pad_token_id)
+    length = prompt_length_with_images(input_ids, None, model.get_vision_tower().num_patches)
+    generation["max_new_tokens"] = fit_new_tokens(length, args.max_new_tokens, context_length(model.config),
+                                                  "shorten --query")
     with torch.inference_mode():
-        output_ids = model.generate(input_ids, images=pixels, **generation_kwargs(args, tokenizer.pad_token_id))
+        output_ids = model.generate(input_ids, images=pixels, **generation)
     answer = tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0].strip()
     print(answer)
     trace = model.pruning_trace

@@ -9,8 +9,8 @@ bytes read off the call's own cache, FLOPs from ``adsc_patch.profile``) and the 
 requests with different budgets on one model never share a schedule.
 
 Bad input raises ``InputError`` with one line naming the problem, before the model runs:
-no image, a file that is not an image, an image over ``max_image_pixels``, a prompt that
-with ``max_new_tokens`` exceeds the context length.
+no image, a file that is not an image, an image over ``max_image_pixels``, a conversation that
+fills the context length by itself (``max_new_tokens`` is cut to the room left, with a log line).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from adsc_patch.profile import ModelShape, Workload, model_cost
 from ..cli import InputError
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from ..conversation import get_conv_template
-from ..mm_utils import ImageLoadError, check_image, process_images, tokenizer_image_token
+from ..mm_utils import (ImageLoadError, check_image, context_length, fit_new_tokens, process_images,
+                        prompt_length_with_images, tokenizer_image_token)
 from ..model.pruning_setting import PruningSetting
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class ChatEngine:
         tower = model.get_vision_tower()
         self.shape = ModelShape.from_config(model.config, tower.config)
         self.num_patches = tower.num_patches
-        self.context_length = model.config.tokenizer_model_max_length or model.config.max_position_embeddings
+        self.context_length = context_length(model.config)
 
     # ------------------------------------------------------------------ settings
     def setting(self, method: str | None, budget: float | None) -> PruningSetting:
@@ -154,22 +155,22 @@ class ChatEngine:
         return conv.get_prompt()
 
     def encode(self, image: Image.Image, history, question: str, max_new_tokens: int):
-        """``(input_ids (1, L), pixels)``; ``InputError`` if the prompt does not fit the context."""
+        """``(input_ids (1, L), pixels, max_new_tokens)``, the last cut to the room the context
+        leaves (logged); ``InputError`` if the conversation fills the context by itself."""
         if not question or not question.strip():
             raise InputError("empty question: type one")
         ids = tokenizer_image_token(self.prompt(history, question.strip()), self.tokenizer, return_tensors="pt")[None]
-        length = ids.shape[1] - 1 + self.num_patches  # the marker becomes the image's tokens
-        if length + max_new_tokens > self.context_length:
-            raise InputError(f"the conversation is {length} tokens (with the image); with {max_new_tokens} new tokens "
-                             f"it exceeds the context length of {self.context_length}: start a new chat or ask less")
+        length = prompt_length_with_images(ids, None, self.num_patches)
+        fix = "start a new chat" + (" or ask a shorter question" if not history else "")
+        max_new_tokens = fit_new_tokens(length, max_new_tokens, self.context_length, fix)
         pixels = process_images([image], self.image_processor, self.model.config)
-        return ids.to(self.model.device), pixels.to(self.model.device, self.model.dtype)
+        return ids.to(self.model.device), pixels.to(self.model.device, self.model.dtype), max_new_tokens
 
     # ------------------------------------------------------------------ generation
     def stream(self, image: Image.Image, history, question: str, pruning: PruningSetting,
                max_new_tokens: int = 64, temperature: float = 0.0):
         """Yield the reply text as it grows, then a ``Reply`` (the last item)."""
-        ids, pixels = self.encode(image, history, question, max_new_tokens)
+        ids, pixels, max_new_tokens = self.encode(image, history, question, max_new_tokens)
         streamer = _TimedStreamer(self.tokenizer, timeout=600)
         result: dict = {}
 
@@ -217,7 +218,7 @@ class ChatEngine:
 
     def trace(self, image: Image.Image, history, question: str, pruning: PruningSetting) -> PruningTrace | None:
         """The ``PruningTrace`` of one prefill of this turn under ``pruning`` (no answer)."""
-        ids, pixels = self.encode(image, history, question, 1)
+        ids, pixels, _ = self.encode(image, history, question, 1)
         with torch.inference_mode(), self.model.pruned_as(pruning) as record:
             self.model(input_ids=ids, images=pixels, use_cache=True, logits_to_keep=1)
         return record.trace

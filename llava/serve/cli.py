@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-file", required=True)
     parser.add_argument("--conv-mode", default=None, help="default: the checkpoint's conv_mode, else vicuna_v1")
     parser.add_argument("--temperature", type=float, default=0.2)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=512,
+                        help="at most this many tokens per reply; cut to what the context leaves (logged)")
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS)
     add_pruning_args(parser)
     add_debug_arg(parser)
@@ -44,7 +45,7 @@ def main(argv=None, stdin=None, stdout=None) -> list[Reply]:
     apply_pruning_args(model, args)
     engine = ChatEngine(tokenizer, model, image_processor, args.conv_mode, args.max_image_pixels)
     setting = PruningSetting.of_config(model.config)
-    history, replies = [], []
+    history, replies, refused = [], [], []
     while True:
         stdout.write("USER: ")
         stdout.flush()
@@ -65,11 +66,14 @@ def main(argv=None, stdin=None, stdout=None) -> list[Reply]:
                     replies.append(item)
         except InputError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
             stdout.write(f"\n[error: {error}]\n")
+            refused.append(str(error))
             continue
         reply = replies[-1]
         history = reply.history
         stdout.write(f"\n[{reply.metrics.line()}]\n")
         stdout.flush()
+    if refused and not replies:  # a script piping questions in must see that nothing was answered
+        raise InputError(f"no question was answered ({len(refused)} refused; the first: {refused[0]})")
     return replies
 
 

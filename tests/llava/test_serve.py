@@ -19,7 +19,7 @@ from PIL import Image
 
 from adsc_patch import ScheduleError
 from adsc_patch.profile import ModelShape, Workload, model_cost
-from llava.cli import InputError
+from llava.cli import InputError, run_command
 from llava.constants import IGNORE_INDEX
 from llava.mm_utils import ImageLoadError, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
@@ -149,7 +149,7 @@ def test_bad_inputs_are_refused_with_one_line_before_the_model_runs(engine, imag
     image = open_image(image_path)
     with pytest.raises(InputError, match="empty question"):
         engine.encode(image, [], "  ", 8)
-    with pytest.raises(InputError, match="exceeds the context length of"):
+    with pytest.raises(InputError, match="fills the context length of"):
         engine.encode(image, [], "word " * engine.context_length, 8)
     with pytest.raises(ScheduleError, match="reachable averages"):
         engine.setting("pdrop", 2.0)
@@ -194,3 +194,55 @@ def test_cli_chats_over_piped_input_with_a_metrics_line_per_reply(tiny_deep_dir,
     missing = subprocess.run([sys.executable, "-m", "llava.serve.cli", "--model-path", tiny_deep_dir, "--image-file",
                               image_path + ".missing"], input="", capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: image file not found")
+
+
+@pytest.fixture(scope="module")
+def playground_shaped_dir(tmp_path_factory):
+    """A tiny checkpoint shaped like the playground's: 121 vision tokens, a context of 512."""
+    import json
+
+    from llava.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(str(tmp_path_factory.mktemp("playground_shaped")), seed=3, image_size=88,
+                                patch_size=8)
+    config_file = os.path.join(path, "config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    config["tokenizer_model_max_length"] = 512
+    with open(config_file, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def test_the_piped_chat_answers_with_its_defaults_on_a_512_token_context(playground_shaped_dir, image_path, caplog):
+    """The default --max-new-tokens (512) equals the whole context: it is cut to what the prompt
+    leaves, with one log line, instead of refusing every question."""
+    import io
+    import logging
+
+    from llava.serve.cli import main
+
+    stdout = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="llava.mm_utils"):
+        replies = main(["--model-path", playground_shaped_dir, "--image-file", image_path, "--temperature", "0"],
+                       stdin=io.StringIO("Describe the grid.\n\n"), stdout=stdout)
+    assert len(replies) == 1 and "[error" not in stdout.getvalue()
+    prompt = replies[0].metrics.prompt_tokens + 121  # text tokens + the image's 121
+    assert 1 <= replies[0].metrics.new_tokens <= 512 - prompt
+    assert f"max_new_tokens 512 cut to {512 - prompt}: the prompt is {prompt} tokens" in caplog.text
+
+
+def test_a_piped_chat_that_answered_nothing_ends_with_exit_code_2(playground_shaped_dir, image_path):
+    import io
+
+    from llava.cli import UsageExit
+    from llava.serve.cli import main
+
+    stdout = io.StringIO()
+    question = "word " * 600 + "\n\n"  # over the 512-token context by itself
+    with pytest.raises(UsageExit) as exit_info:
+        run_command(lambda argv: main(argv, stdin=io.StringIO(question), stdout=stdout),
+                    ["--model-path", playground_shaped_dir, "--image-file", image_path])
+    assert exit_info.value.code == 2
+    assert str(exit_info.value).startswith("error: no question was answered (1 refused; the first: the prompt is")
+    assert "fills the context length of 512: start a new chat or ask a shorter question" in str(exit_info.value)
