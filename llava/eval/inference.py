@@ -40,7 +40,7 @@ from ..conversation import get_conv_template
 from ..cli import add_debug_arg
 from ..mm_utils import (ImageLoadError, check_image, context_length, fit_new_tokens, get_model_name_from_path,
                         load_image, process_images, prompt_length_with_images, tokenizer_image_token)
-from ..model.builder import load_pretrained_model, resolve_checkpoint
+from ..model.builder import check_attention_implementation, load_pretrained_model, resolve_checkpoint
 from ..model.fingerprint import weights_fingerprint
 from .io import EvalInputError, write_json_atomic
 from .pruning_args import add_pruning_args, apply_pruning_args
@@ -256,7 +256,8 @@ def add_model_args(parser: argparse.ArgumentParser, model_path_help: str | None 
     parser.add_argument("--model-base", default=None, help="base of a LoRA or projector-only checkpoint")
     parser.add_argument("--vision-tower", default=None, help="override the checkpoint's mm_vision_tower (folder or hub id)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--attn-implementation", default=None, choices=[None, "eager", "sdpa", "flash_attention_2"])
+    parser.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa", "flash_attention_2"],
+                        help="the language model's attention (default: the checkpoint's, sdpa)")
     bits = parser.add_mutually_exclusive_group()
     bits.add_argument("--load-8bit", action="store_true", help="language model in 8 bit (bitsandbytes)")
     bits.add_argument("--load-4bit", action="store_true", help="language model in 4 bit, nf4 (bitsandbytes)")
@@ -264,6 +265,8 @@ def add_model_args(parser: argparse.ArgumentParser, model_path_help: str | None 
 
 def load_model_from_args(args: argparse.Namespace):
     """``load_pretrained_model`` with the flags of ``add_model_args``."""
+    check_attention_implementation(args.attn_implementation, "--attn-implementation",
+                                   cuda=None if args.device is None else str(args.device).startswith("cuda"))
     return load_pretrained_model(
         args.model_path, args.model_base, device=args.device, attn_implementation=args.attn_implementation,
         vision_tower=args.vision_tower, load_8bit=args.load_8bit, load_4bit=args.load_4bit,

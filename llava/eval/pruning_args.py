@@ -38,6 +38,12 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
 def apply_pruning_args(model, args: argparse.Namespace):
     """Configure ``model`` from the flags; returns the schedule in effect (``None`` without
     a vision tower). With no flag the checkpoint's saved schedule stays as it is."""
+    given = [flag for flag, value in (("--prune-layers", args.prune_layers), ("--drop-ratio", args.drop_ratio),
+                                      ("--vision-token-budget", args.vision_token_budget),
+                                      ("--prune-selection", args.prune_selection),
+                                      ("--prune-method", getattr(args, "prune_method", None))) if value is not None]
+    if getattr(args, "no_pruning", False) and given:
+        fail(f"--no-pruning runs on all vision tokens and cannot be combined with {', '.join(given)}")
     try:
         if getattr(args, "no_pruning", False):
             schedule = model.configure_pruning(prune_layers=[], drop_ratio=0.0)

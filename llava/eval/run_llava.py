@@ -65,6 +65,8 @@ def eval_model(args) -> str:
 
 def run(args: argparse.Namespace) -> str:
     """Answer ``args.query`` about ``args.image_file``; prints and returns the answer."""
+    if not args.query.strip():
+        raise InputError("--query is empty: ask a question")
     images = [load_image(path) for path in args.image_file.split(args.sep)]
     tokenizer, model, image_processor, _ = load_model_from_args(args)
     apply_pruning_args(model, args)

@@ -228,6 +228,29 @@ def load_tokenizer(*paths: str):
     raise CheckpointError(f"no tokenizer (tokenizer.model or tokenizer.json) in {[p for p in paths if p]}")
 
 
+def flash_attention_missing(cuda: bool | None = None) -> str | None:
+    """What ``flash_attention_2`` lacks here ("the flash-attn package", "a CUDA GPU"), or ``None``."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package"
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return "a CUDA GPU"
+    return None
+
+
+def check_attention_implementation(requested: str | None, flag: str = "attn_implementation",
+                                   cuda: bool | None = None) -> None:
+    """Refuse ``flash_attention_2`` without flash-attn (``MissingDependencyError``) or without a
+    CUDA GPU (``InputError``), in one line naming ``flag``."""
+    if requested != "flash_attention_2":
+        return
+    missing = flash_attention_missing(cuda)
+    if missing == "the flash-attn package":
+        raise MissingDependencyError(f"{flag} flash_attention_2 needs the flash-attn package "
+                                     "(pip install flash-attn --no-build-isolation); or use sdpa")
+    if missing:
+        raise InputError(f"{flag} flash_attention_2 needs a CUDA GPU; use sdpa")
+
+
 def _pick_device(device: str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -295,6 +318,7 @@ def load_pretrained_model(
     device = _pick_device(device)
     if use_flash_attn:
         attn_implementation = "flash_attention_2"
+    check_attention_implementation(attn_implementation, cuda=device.startswith("cuda"))
     dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32

@@ -23,7 +23,6 @@ if __name__ == "__main__" and not __package__:  # run as a file: see _run_as_fil
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
     import _run_as_file  # noqa: F401
 
-import importlib.util
 import json
 import logging
 import pathlib
@@ -35,10 +34,11 @@ import transformers
 from adsc_patch import ScheduleError, kept_tokens, vision_schedule
 from adsc_patch.solve import default_prune_layers_for
 from adsc_patch.methods import is_pre_llm
-from llava.cli import InputError, MissingDependencyError, run_command
+from llava.cli import InputError, run_command
 from llava.model import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.builder import (
-    bnb_quantization_config, is_hf_llava, load_llava_config, load_tokenizer, read_config, resolve_checkpoint,
+    bnb_quantization_config, check_attention_implementation, flash_attention_missing, is_hf_llava, load_llava_config,
+    load_tokenizer, read_config, resolve_checkpoint,
 )
 from llava.model.hub import resolve_pretrained
 from llava.model.multimodal_encoder.clip_encoder import load_clip_image_processor
@@ -75,7 +75,7 @@ def resolve_attention(requested: str | None, preferred: str = "sdpa", cuda: bool
     flash-attn raises ``MissingDependencyError``, without a CUDA GPU ``InputError``."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if requested is None:
-        missing = _flash_attention_missing(cuda) if preferred == "flash_attention_2" else None
+        missing = flash_attention_missing(cuda) if preferred == "flash_attention_2" else None
         if missing:
             logger.info("attention: sdpa (flash_attention_2 needs %s)", missing)
             return "sdpa"
@@ -83,22 +83,8 @@ def resolve_attention(requested: str | None, preferred: str = "sdpa", cuda: bool
     if requested not in ATTENTION_IMPLEMENTATIONS:
         raise InputError(f"--attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
                          f"got {requested!r}")
-    if requested == "flash_attention_2":
-        missing = _flash_attention_missing(cuda)
-        if missing == "the flash-attn package":
-            raise MissingDependencyError("--attn_implementation flash_attention_2 needs the flash-attn package "
-                                         "(pip install flash-attn --no-build-isolation); or use sdpa")
-        if missing:
-            raise InputError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
+    check_attention_implementation(requested, "--attn_implementation", cuda)
     return requested
-
-
-def _flash_attention_missing(cuda: bool) -> str | None:
-    if importlib.util.find_spec("flash_attn") is None:
-        return "the flash-attn package"
-    if not cuda:
-        return "a CUDA GPU"
-    return None
 
 
 def _dtype(training_args) -> torch.dtype:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from adsc_patch import default_prune_layers
@@ -198,6 +199,16 @@ def test_command_lines_end_bad_input_in_one_line_and_exit_code_2(tiny_deep_dir, 
                                   "--query", "hi", "--device", "cpu"], "image file not found"),
         ("llava.eval.eval_pope", ["--annotation-dir", str(tmp_path), "--question-file", str(broken),
                                   "--result-file", str(tmp_path / "none.jsonl")], "broken.jsonl:2 is not valid JSON"),
+    ]
+    image = tmp_path / "grid.png"
+    Image.new("RGB", (40, 40), "white").save(image)
+    run = ["--model-path", tiny_deep_dir, "--image-file", str(image), "--device", "cpu"]
+    cases += [  # each was a traceback, a silent ignore or an answer to nothing before
+        ("llava.eval.run_llava", [*run, "--query", "hi", "--attn-implementation", "flash_attention_2"],
+         "--attn-implementation flash_attention_2 needs the flash-attn package"),
+        ("llava.eval.run_llava", [*run, "--query", "hi", "--no-pruning", "--vision-token-budget", "12"],
+         "--no-pruning runs on all vision tokens and cannot be combined with --vision-token-budget"),
+        ("llava.eval.run_llava", [*run, "--query", " "], "--query is empty"),
     ]
     for module, args, expected in cases:
         done = _cli(module, *args)
