@@ -23,6 +23,7 @@ compressed answer, metrics JSON ``{"full": {...}, "compressed": {...}}`` with
 from __future__ import annotations
 
 import argparse
+import socket
 import glob
 import logging
 import os
@@ -216,6 +217,7 @@ def main(argv=None):
         import gradio  # noqa: F401
     except ImportError:
         raise MissingDependencyError("the demo needs gradio: pip install -e '.[demo]'") from None
+    check_port_free(args.host, args.port)  # before the model loads
     args.model_path = args.model_path or default_model_path()
     tokenizer, model, image_processor, _ = load_model_from_args(args)
     engine = ChatEngine(tokenizer, model, image_processor, args.conv_mode, args.max_image_pixels)
@@ -225,8 +227,21 @@ def main(argv=None):
         fail(error)
     demo = build_demo(engine, args.prune_method, args.vision_token_budget, playground_examples(), args.max_new_tokens)
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=False, max_file_size="50mb")
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, show_error=False, max_file_size="50mb")
+    except OSError as error:  # taken between the check and the launch
+        raise InputError(f"cannot serve on {args.host}:{args.port} ({error}): choose another with --port") from None
     return demo
+
+
+def check_port_free(host: str, port: int) -> None:
+    """``InputError`` naming ``--port`` when ``host:port`` cannot be bound."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise InputError(f"cannot serve on {host}:{port} ({error.strerror or error}): "
+                             "choose another with --port") from None
 
 
 if __name__ == "__main__":

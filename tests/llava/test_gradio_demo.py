@@ -271,3 +271,24 @@ def test_a_model_error_gives_one_line_and_a_log_line_and_the_demo_keeps_serving(
     assert any("the model failed" in r.message and r.exc_info for r in caplog.records)
     *_, status = client.predict(handle_file(str(files / "grid.png")), "What?", "adsc", 12, [], [], api_name="/chat")
     assert status == "done"
+
+
+def test_a_port_in_use_ends_in_one_line_naming_the_flag_before_the_model_loads(tiny_deep_dir):
+    from llava.cli import UsageExit, run_command
+    from llava.serve import gradio_demo
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        loads = []
+        original = gradio_demo.load_model_from_args
+        gradio_demo.load_model_from_args = lambda args: loads.append(args) or original(args)
+        try:
+            with pytest.raises(UsageExit) as info:
+                run_command(gradio_demo.main, ["--model-path", tiny_deep_dir, "--port", str(port)])
+        finally:
+            gradio_demo.load_model_from_args = original
+    assert info.value.code == 2 and loads == []
+    assert str(info.value).startswith(f"error: cannot serve on 127.0.0.1:{port}")
+    assert str(info.value).endswith("choose another with --port")
