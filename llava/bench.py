@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from adsc_patch import PRUNE_METHODS, ScheduleError, compat
 from adsc_patch.cache import cache_nbytes
-from adsc_patch.profile import PRESETS, ModelShape, Workload, model_cost
+from adsc_patch.profile import PRESETS, ModelShape, Workload, model_cost, parameter_count
 
 from .cli import InputError, run_command
 from .eval.io import write_json_atomic, write_text_atomic
@@ -69,11 +69,11 @@ def _shape_sizes(args) -> dict:
                 image_size=t.grid * t.patch_size, patch_size=t.patch_size)
 
 
-def build_model(sizes: dict, attention: str, dtype: torch.dtype, device: str):
-    """A random-weight ``LlavaLlamaForCausalLM`` of these sizes (no checkpoint needed)."""
+def bench_config(sizes: dict, attention: str):
+    """The ``LlavaConfig`` of a random-weight model of these sizes."""
     from transformers import CLIPVisionConfig
 
-    from .model import LlavaConfig, LlavaLlamaForCausalLM
+    from .model import LlavaConfig
 
     vision = CLIPVisionConfig(hidden_size=sizes["tower_hidden"], intermediate_size=sizes["tower_intermediate"],
                               num_hidden_layers=sizes["tower_layers"], num_attention_heads=sizes["tower_heads"],
@@ -85,6 +85,46 @@ def build_model(sizes: dict, attention: str, dtype: torch.dtype, device: str):
                          mm_vision_config=vision.to_dict(), mm_hidden_size=vision.hidden_size,
                          mm_projector_type="mlp2x_gelu")
     config._attn_implementation = attention
+    return config
+
+
+def available_memory_bytes(device: str) -> int:
+    """Free memory of ``device``: the GPU's free bytes, or the machine's available RAM."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def memory_needed_bytes(sizes: dict, dtype: torch.dtype, batch: int, sequence: int) -> int:
+    """About what the bench holds at its peak: the weights as built (float32, then ``dtype``), the
+    KV cache and the logits of the largest batch, plus a fifth for activations and allocator slack."""
+    shape = ModelShape.from_config(bench_config(sizes, "sdpa"))
+    parameters = parameter_count(shape)
+    size = torch.finfo(dtype).bits // 8
+    weights = parameters * 4 + (parameters * size if dtype != torch.float32 else 0)
+    d = shape.decoder
+    kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * batch * sequence * size
+    logits = batch * sequence * d.vocab_size * 4
+    return int(1.2 * (weights + kv + logits))
+
+
+def check_memory(sizes: dict, dtype: torch.dtype, device: str, batch: int, sequence: int, shape_name: str) -> None:
+    """``InputError`` before anything is built when the run cannot fit, saying what would."""
+    needed, free = memory_needed_bytes(sizes, dtype, batch, sequence), available_memory_bytes(device)
+    if needed > free:
+        raise InputError(
+            f"the {shape_name} shape ({sizes['layers']} layers, hidden {sizes['hidden']}) in "
+            f"{str(dtype).removeprefix('torch.')} at batch {batch} needs about {needed / 1e9:.1f} GB and {device} has "
+            f"{free / 1e9:.1f} GB available: try --smoke (seconds), --width-scale 0.25 or a smaller --batches")
+
+
+def build_model(sizes: dict, attention: str, dtype: torch.dtype, device: str):
+    """A random-weight ``LlavaLlamaForCausalLM`` of these sizes (no checkpoint needed)."""
+    from .model import LlavaLlamaForCausalLM
+
+    config = bench_config(sizes, attention)
     torch.manual_seed(0)
     model = LlavaLlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     model.get_vision_tower().vision_tower.config._attn_implementation = "sdpa" if attention != "eager" else "eager"
@@ -427,6 +467,9 @@ def main(argv=None) -> dict:
         args.repeats, args.new_tokens = 1, min(args.new_tokens, 3)
         args.batches = "1,2" if args.batches == "1,8" else args.batches
     sizes = _shape_sizes(args)
+    vision_tokens = (sizes["image_size"] // sizes["patch_size"]) ** 2
+    check_memory(sizes, dtype, args.device, max(_list(args.batches, int)),
+                 args.text_tokens + vision_tokens + args.new_tokens, "smoke" if args.smoke else args.shape)
     combos = [(None, None)] + [(m, b) for m in methods for b in budgets]
     rows = []
     attentions, batches = _list(args.attention), _list(args.batches, int)

@@ -69,3 +69,22 @@ def test_layer_replay_uses_each_layers_length_from_the_trace_as_the_profile_pred
     assert adsc["layer_lengths"][0] == 96 and adsc["layer_lengths"][-1] < 70
     # no timing comparison here (a unit test on a shared machine): the ratios are only well formed
     assert full["layer_replay_relative"] == 100 and adsc["layer_replay_relative"] > 0
+
+
+def test_a_shape_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch):
+    """``python -m llava.bench`` with no arguments is the 7B shape in float32: about 41 GB."""
+    from llava import bench
+    from llava.cli import InputError
+
+    built = []
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda device: 16 * 10**9)
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: built.append(a))
+    with pytest.raises(InputError) as info:
+        bench.main(["--device", "cpu"])
+    message = str(info.value)
+    assert message.startswith("the llava-1.5-7b shape (32 layers, hidden 4096) in float32 at batch 8 needs about ")
+    assert "cpu has 16.0 GB available: try --smoke" in message and "--width-scale 0.25" in message
+    assert built == []
+    # the float32 weights alone: about 7e9 parameters of 4 bytes
+    sizes = bench._shape_sizes(bench.build_parser().parse_args([]))
+    assert bench.memory_needed_bytes(sizes, torch.float32, 1, 1) > 7e9 * 4
