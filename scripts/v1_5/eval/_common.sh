@@ -10,9 +10,21 @@
 #   PRUNE_METHOD, PRUNE_LAYERS, VISION_TOKEN_BUDGET or DROP_RATIO, PRUNE_SELECTION, NO_PRUNING=1
 #                pruning at evaluation (default: the checkpoint's own schedule; docs/methods.md)
 #   EXTRA_ARGS   appended to every inference command
+#   OVERWRITE=1  start the answer files afresh (--overwrite) instead of resuming them
 #   CUDA_VISIBLE_DEVICES   one chunk per listed GPU
 #   CHUNKS       without a GPU: CPU processes, each on a contiguous chunk     1
 set -euo pipefail
+
+# The project's environment when none is active (bash scripts/quickstart.sh or scripts/test.sh made it).
+_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$_ROOT/.venv/bin/python" ]; then
+  export PATH="$_ROOT/.venv/bin:$PATH"
+  export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+fi
+if ! python -c 'import torch, llava' >/dev/null 2>&1; then
+  echo "error: no Python environment with this project here: run 'bash scripts/quickstart.sh' (it makes .venv) or activate yours" >&2
+  exit 2
+fi
 
 MODEL_PATH="${MODEL_PATH:-liuhaotian/llava-v1.5-7b}"
 EVAL_DIR="${EVAL_DIR:-./playground/data/eval}"
@@ -47,6 +59,7 @@ COMMON_ARGS=(--model-path "$MODEL_PATH" --conv-mode "$CONV_MODE" --temperature 0
 [ -n "${PRUNE_SELECTION:-}" ] && COMMON_ARGS+=(--prune-selection "$PRUNE_SELECTION")
 [ -n "${PRUNE_METHOD:-}" ] && COMMON_ARGS+=(--prune-method "$PRUNE_METHOD")
 [ -n "${NO_PRUNING:-}" ] && COMMON_ARGS+=(--no-pruning)
+[ -n "${OVERWRITE:-}" ] && COMMON_ARGS+=(--overwrite)
 # shellcheck disable=SC2206
 COMMON_ARGS+=(${EXTRA_ARGS:-})
 
@@ -69,8 +82,17 @@ run_chunks() {
       --answers-file "$answer_dir/${CHUNKS}_${idx}.jsonl" --num-chunks "$CHUNKS" --chunk-idx "$idx" &
     pids+=($!)
   done
-  local failed=0 pid
-  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  local failed=0 refused=0 pid code
+  for pid in "${pids[@]}"; do
+    code=0
+    wait "$pid" || code=$?
+    [ "$code" -eq 2 ] && refused=1
+    [ "$code" -ne 0 ] && failed=1
+  done
+  if [ "$refused" -ne 0 ]; then  # bad input or other settings: a rerun as it is cannot help
+    echo "inference refused its input (the error above); in these scripts --overwrite is OVERWRITE=1 and other flags go in EXTRA_ARGS" >&2
+    exit 2
+  fi
   if [ "$failed" -ne 0 ]; then
     echo "inference failed; rerun to resume the unfinished chunks" >&2
     exit 1

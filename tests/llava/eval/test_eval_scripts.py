@@ -121,3 +121,32 @@ def test_prune_method_reaches_the_benchmark_scripts(tiny_deep_dir, eval_dir):
     pruning = json.load(open(os.path.join(folder, "merge.jsonl.settings.json")))["pruning"]
     assert pruning["method"] == "pool" and pruning["prune_layers"] == []
     assert pruning["average_vision_tokens"] == 9 and pruning["vision_tokens_after_last_stage"] == 9
+
+
+def test_a_script_finds_the_projects_venv_and_its_refusal_hint_names_overwrite(tiny_deep_dir, eval_dir):
+    """Run without an active environment (no venv on PATH): the script uses the project's .venv.
+    A rerun with other settings into the same answers is refused with a hint that fits (not
+    "rerun to resume"), and OVERWRITE=1 starts afresh."""
+    venv_python = os.path.join(ROOT, ".venv", "bin", "python")
+    if not os.path.exists(venv_python):
+        pytest.skip("no .venv in the project (bash scripts/test.sh makes it)")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(MODEL_PATH=tiny_deep_dir, EVAL_DIR=eval_dir, CUDA_VISIBLE_DEVICES="", PATH="/usr/bin:/bin",
+               EXTRA_ARGS="--max_new_tokens 2 --num-workers 0", CKPT="tiny-venv", PRUNE_LAYERS="1,3")
+    script = os.path.join(ROOT, "scripts", "v1_5", "eval", "pope.sh")
+
+    def run(**extra):
+        return subprocess.run(["bash", script], cwd=ROOT, env={**env, **extra}, capture_output=True, text=True,
+                              timeout=600)
+
+    first = run(VISION_TOKEN_BUDGET="12")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "mean F1:" in first.stdout
+    other = run(VISION_TOKEN_BUDGET="18")
+    assert other.returncode == 2, other.stderr[-2000:]
+    last = other.stderr.strip().splitlines()[-1]
+    assert "OVERWRITE=1" in last and "rerun to resume" not in other.stderr
+    again = run(VISION_TOKEN_BUDGET="18", OVERWRITE="1")
+    assert again.returncode == 0, again.stderr[-2000:]
+    settings = json.load(open(os.path.join(eval_dir, "pope/answers/tiny-venv/merge.jsonl.settings.json")))
+    assert settings["pruning"]["average_vision_tokens"] == pytest.approx(18, abs=1)
