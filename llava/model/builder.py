@@ -26,6 +26,7 @@ import torch
 
 from ..cli import InputError, MissingDependencyError
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from .fingerprint import weights_fingerprint
 from .hub import ResolutionError, looks_like_hub_id, resolve_pretrained
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .multimodal_encoder.builder import resolve_vision_tower
@@ -307,7 +308,7 @@ def load_pretrained_model(
             hint = f" (the adapter records base {recorded!r})" if recorded else ""
         raise CheckpointError(
             f"{model_path} is a {'LoRA adapter' if layout == 'lora' else 'projector-only'} output; "
-            f"pass model_base=<the model it was trained on>{hint}"
+            f"give its base with --model-base (model_base= in Python){hint}"
         )
     if layout in ("full", "hf") and model_base is not None:
         raise CheckpointError(
@@ -434,16 +435,18 @@ def _warn_if_other_base(adapter_path: str, base_given: str, base_path: str) -> N
     if not recorded or recorded == base_given:
         return
     if os.path.isdir(recorded):
-        if os.path.realpath(recorded) == os.path.realpath(base_path):
-            return
+        recorded_path = recorded
     elif not looks_like_hub_id(recorded):
         return  # a folder of another machine: nothing to compare with
     else:
         try:
-            if os.path.realpath(resolve_pretrained(recorded, "recorded base", local_only=True)) == os.path.realpath(base_path):
-                return
+            recorded_path = resolve_pretrained(recorded, "recorded base", local_only=True)
         except ResolutionError:
-            pass
+            recorded_path = None
+    if recorded_path is not None and (os.path.realpath(recorded_path) == os.path.realpath(base_path)
+                                      or weights_fingerprint(recorded_path) == weights_fingerprint(base_path)):
+        return  # the same folder, or a copy of the same weights
+
     logger.warning(
         "the LoRA adapter %s was trained on base %r but is being loaded on %r: if that is not the same "
         "model, its answers will be wrong", adapter_path, recorded, base_given,

@@ -196,7 +196,7 @@ def test_folder_without_weights_is_refused(tmp_path):
 
 def test_lora_without_base_names_the_missing_base(loaded_tiny, tmp_path):
     _make_lora_output(loaded_tiny[1], str(tmp_path / "lora"))
-    with pytest.raises(CheckpointError, match="pass model_base"):
+    with pytest.raises(CheckpointError, match=r"give its base with --model-base \(model_base= in Python\)"):
         load_pretrained_model(str(tmp_path / "lora"), device="cpu")
 
 

@@ -122,11 +122,15 @@ def test_lora_on_another_base_than_it_records_is_named(hub_cache, tiny_llava_dir
 
     lora = str(tmp_path / "lora")
     _make_lora_output(loaded_tiny[1], lora)
-    same_shape = str(tmp_path / "vicuna-like")  # another model of the same shape (here: a copy)
-    shutil.copytree(tiny_llava_dir, same_shape)
+    from llava.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    same_shape = make_tiny_checkpoint(str(tmp_path / "vicuna-like"), seed=7)  # another model of the same shape
+    copy = str(tmp_path / "copy-of-the-base")  # the recorded base's weights under another name
+    shutil.copytree(tiny_llava_dir, copy)
     _adapter_base(lora, tiny_llava_dir)
     with caplog.at_level(logging.WARNING):
         load_pretrained_model(lora, model_base=tiny_llava_dir, device="cpu")
+        load_pretrained_model(lora, model_base=copy, device="cpu")
         assert _base_warnings(caplog) == []
         load_pretrained_model(lora, model_base=same_shape, device="cpu")
     [warning] = _base_warnings(caplog)
