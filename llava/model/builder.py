@@ -45,6 +45,9 @@ __all__ = [
     "load_pretrained_model",
     "load_tokenizer",
     "resolve_checkpoint",
+    "check_attention_implementation",
+    "flash_attention_missing",
+    "write_tower_relative",
 ]
 
 CHECKPOINT_FORMATS = ("auto", "full", "lora", "projector", "hf")
@@ -108,6 +111,24 @@ def resolve_checkpoint(path: str, what: str = "model path") -> str:
         return resolve_pretrained(path, what)
     except ResolutionError as error:
         raise CheckpointError(str(error)) from None
+
+
+def write_tower_relative(config_dir: str, model_dir: str | None = None) -> None:
+    """Rewrite ``config_dir/config.json`` so that an ``mm_vision_tower`` naming a local folder
+    is relative to ``model_dir`` (default ``config_dir``), the folder the model will live in:
+    a model moved together with its tower (a playground run, a checkpoints folder) still loads.
+    Hub ids and relative names stay as they are."""
+    config_file = os.path.join(config_dir, "config.json")
+    data = read_config(config_dir)
+    tower = data.get("mm_vision_tower")
+    if not tower or not os.path.isabs(tower) or not os.path.isdir(tower):
+        return
+    data["mm_vision_tower"] = os.path.relpath(tower, os.path.abspath(model_dir or config_dir))
+    tmp = config_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, config_file)
 
 
 def load_llava_config(path: str, vision_tower: str | None = None, search_dirs: tuple[str, ...] = ()) -> LlavaConfig:

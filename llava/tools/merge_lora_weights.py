@@ -16,7 +16,7 @@ import shutil
 import tempfile
 
 from llava.cli import InputError, fail
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import load_pretrained_model, write_tower_relative
 
 
 def merge_lora(model_path: str, model_base: str, save_model_path: str) -> str:
@@ -30,6 +30,7 @@ def merge_lora(model_path: str, model_base: str, save_model_path: str) -> str:
     try:
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
+        write_tower_relative(scratch, save_model_path)
         if os.path.isdir(save_model_path):
             os.rmdir(save_model_path)
         os.replace(scratch, save_model_path)

@@ -17,6 +17,8 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from llava.model.builder import write_tower_relative
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LLaVATrainer", "ModalityLengthGroupedSampler", "SaveEveryMinutesCallback", "save_training_output"]
@@ -192,6 +194,7 @@ def save_training_output(trainer: Trainer, llava_model, tokenizer, mode: str) ->
         else:
             llava_model.save_pretrained(scratch, state_dict=state)
         tokenizer.save_pretrained(scratch)
+        write_tower_relative(scratch, args.output_dir)
         _move_into(scratch, args.output_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

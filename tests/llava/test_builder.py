@@ -240,3 +240,29 @@ def test_offline_hub_vision_tower_is_explained(tiny_llava_dir, tmp_path):
         str(folder), device="cpu", vision_tower=os.path.join(tiny_llava_dir, "vision_tower")
     )
     assert model.get_vision_tower().num_patches == 36
+
+
+def test_a_merged_model_moved_with_its_base_still_loads(tiny_llava_dir, loaded_tiny, tmp_path, random_images):
+    """The merge tool (and training's outputs) write the tower relative to the model folder:
+    moving the folder that holds the base (with its tower) and the merged model breaks nothing."""
+    import shutil
+
+    from llava.tools.merge_lora_weights import merge_lora
+
+    run = tmp_path / "run"
+    base = run / "base"
+    shutil.copytree(tiny_llava_dir, base)
+    _, base_model, processor, _ = load_pretrained_model(str(base), device="cpu")
+    _make_lora_output(base_model, str(run / "lora"))
+    merge_lora(str(run / "lora"), str(base), str(run / "merged"))
+    saved = json.load(open(run / "merged" / "config.json"))
+    assert saved["mm_vision_tower"] == os.path.join("..", "base", "vision_tower")
+    pixels = process_images(random_images[:1], processor, base_model.config)
+    ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 7, 9]])
+    with torch.no_grad():
+        before = load_pretrained_model(str(run / "merged"), device="cpu")[1](input_ids=ids, images=pixels).logits
+    shutil.move(str(run), str(tmp_path / "moved"))
+    _, moved, _, _ = load_pretrained_model(str(tmp_path / "moved" / "merged"), device="cpu")
+    assert moved.get_vision_tower().vision_tower_name == os.path.abspath(tmp_path / "moved" / "base" / "vision_tower")
+    with torch.no_grad():
+        torch.testing.assert_close(moved(input_ids=ids, images=pixels).logits, before, atol=0, rtol=0)
