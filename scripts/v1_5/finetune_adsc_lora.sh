@@ -12,7 +12,7 @@
 #   OUTPUT_DIR        where adapter, projector, config go     ./checkpoints/llava-v1.5-7b-adsc-lora-$BUDGET
 #   BUDGET            target average vision tokens per layer  192
 #   DROP_RATIO        give a ratio instead of BUDGET          (unset)
-#   PRUNE_METHOD      adsc | fastv | pdrop | tome | visionzip | pool (docs/methods.md)  adsc
+#   PRUNE_METHOD      adsc | fastv | pdrop | tome | visionzip | pool, or a variant (docs/methods.md)  adsc
 #   PRUNE_LAYERS      0-based decoder layers                  2,6,12,20 (fastv: 2; tome, visionzip, pool: none)
 #   SELECTION         uniform_2d | uniform_1d | random (adsc) uniform_2d
 #   CURRICULUM        reverse | standard | direct             reverse
@@ -33,8 +33,10 @@
 #   EXTRA_ARGS        appended verbatim to the training command
 #
 # Without CUDA the same script trains on the CPU in fp32 with plain python (no DeepSpeed).
-# CI does that on a tiny checkpoint:
-#   MODEL_PATH=tiny DATA_PATH=data.json IMAGE_FOLDER=images OUTPUT_DIR=out BUDGET=12 PRUNE_LAYERS=1,3 \
+# CI does that on a tiny checkpoint (8 layers, 36 vision tokens) and data set, as written here:
+#   python -m llava.tools.make_tiny_checkpoint --out tiny --layers 8
+#   python -m llava.tools.make_tiny_dataset --out data
+#   MODEL_PATH=tiny DATA_PATH=data/data.json IMAGE_FOLDER=data OUTPUT_DIR=out BUDGET=12 PRUNE_LAYERS=1,3 \
 #   GLOBAL_BATCH=4 PER_DEVICE_BATCH=4 MAX_STEPS=12 LR=2e-3 MM_PROJECTOR_LR=2e-3 LORA_R=8 LORA_ALPHA=16 \
 #   bash scripts/v1_5/finetune_adsc_lora.sh
 set -euo pipefail
@@ -47,7 +49,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-adsc-lora-${BUDGET}}"
 PRUNE_METHOD="${PRUNE_METHOD:-adsc}"
 case "$PRUNE_METHOD" in
   fastv) DEFAULT_LAYERS=2 ;;
-  tome|visionzip|pool) DEFAULT_LAYERS= ;;
+  tome|visionzip|visionzip_spread|pool) DEFAULT_LAYERS= ;;
   *) DEFAULT_LAYERS=2,6,12,20 ;;
 esac
 PRUNE_LAYERS="${PRUNE_LAYERS-$DEFAULT_LAYERS}"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from adsc_patch import ScheduleError, solve_drop_ratio
 from llava.constants import IGNORE_INDEX
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import detect_checkpoint_format, load_pretrained_model
 from llava.tools.make_tiny_dataset import make_tiny_dataset
 from llava.train.curriculum import phase_at, plan_curriculum
 from llava.train.data import DataCollatorForSupervisedDataset, DataError, encode_conversation
@@ -362,3 +362,20 @@ def test_a_baseline_fine_tunes_through_the_recipe_with_the_same_curriculum(tmp_p
     _, model, _, _ = load_pretrained_model(str(tmp_path), model_base=tiny_deep_dir, device="cpu")
     assert model.config.prune_method == method
     assert model.vision_schedule().stage_tokens == stages
+
+
+def test_the_scripts_header_example_runs_as_written(tmp_path):
+    """The commented example at the top of finetune_adsc_lora.sh, copied out of the script and
+    run in an empty folder with the repository's own tiny tools."""
+    with open(SCRIPT) as f:
+        header = f.read().split("set -euo pipefail")[0]
+    example = header.split("as written here:\n")[1]
+    lines = [line.removeprefix("#   ") for line in example.splitlines() if line.startswith("#   ")]
+    commands = "\n".join(lines).replace("scripts/v1_5/finetune_adsc_lora.sh", SCRIPT)
+    assert "make_tiny_checkpoint" in commands and "make_tiny_dataset" in commands and SCRIPT in commands
+    env = dict(os.environ, HF_HUB_OFFLINE="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert detect_checkpoint_format(str(tmp_path / "out")) == "lora"
