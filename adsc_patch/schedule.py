@@ -217,12 +217,12 @@ def solve_drop_ratio(
         raise ScheduleError(f"vision token budget {budget!r} is not a number")
     if budget > num_vision_tokens:
         raise ScheduleError(
-            f"vision token budget {budget} is above the {num_vision_tokens} vision tokens of an image"
+            f"vision token budget {round(budget, 6)} is above the {num_vision_tokens} vision tokens of an image"
         )
     if budget >= num_vision_tokens or not layers:
         if budget < num_vision_tokens:
             raise ScheduleError(
-                f"vision token budget {budget} needs at least one prune layer (none given)"
+                f"vision token budget {round(budget, 6)} needs at least one prune layer (none given)"
             )
         return vision_schedule(num_layers, num_vision_tokens, layers, 0.0)
 
@@ -232,7 +232,7 @@ def solve_drop_ratio(
     if budget < lowest - 0.5:
         first = layers[0]
         raise ScheduleError(
-            f"vision token budget {budget} is below what prune layers {list(layers)} allow "
+            f"vision token budget {round(budget, 6)} is below what prune layers {list(layers)} allow "
             f"with {num_layers} layers and {num_vision_tokens} tokens (reachable averages {lowest:.2f}.."
             f"{num_vision_tokens}; lowest reachable average {lowest:.2f}: the {first} layer(s) before layer "
             f"{first} always see all tokens and every stage must keep at least one); prune earlier or with "

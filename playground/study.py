@@ -438,7 +438,7 @@ def _merge(lora_dir: str, base: str, out: str) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default=None, help="run folder under playground/runs (default: default / smoke)")
     parser.add_argument("--smoke", action="store_true", help="a few minutes, for CI")
     parser.add_argument("--ablations", action="store_true",

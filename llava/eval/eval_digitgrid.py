@@ -78,7 +78,7 @@ def format_summary(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gt-file", required=True)
     parser.add_argument("--result-file", required=True)
     parser.add_argument("--output-json", default=None)

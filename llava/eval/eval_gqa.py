@@ -82,7 +82,7 @@ def format_summary(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("--questions", required=True, help="GQA questions json, e.g. testdev_balanced_questions.json")
     parser.add_argument("--result-file", required=True, help="answer file (JSON lines)")
     parser.add_argument("--predictions-out", help="write the official eval.py's predictions file here")

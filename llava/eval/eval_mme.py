@@ -159,7 +159,7 @@ def format_summary(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("--gt-dir", required=True, help="MME_Benchmark_release_version (either release layout)")
     parser.add_argument("--result-file", required=True, help="answer file (JSON lines)")
     parser.add_argument("--output-json", help="write the scores here")

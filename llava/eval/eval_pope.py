@@ -143,7 +143,7 @@ def format_summary(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("--annotation-dir", required=True,
                         help="folder with coco_pope_{adversarial,popular,random}.json")
     parser.add_argument("--question-file", required=True, help="LLaVA question file (with category)")

@@ -118,7 +118,7 @@ def _evaluate(base_dir: str, result_file: str, split: str) -> tuple[dict, dict, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("--base-dir", required=True, help="folder with problems.json and pid_splits.json")
     parser.add_argument("--result-file", required=True, help="answer file (JSON lines)")
     parser.add_argument("--output-file", help="write the per-question analysis here (JSON)")

@@ -103,7 +103,7 @@ def score_textvqa(annotation_file: str, result_file: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("--annotation-file", required=True, help="TextVQA_0.5.1_val.json")
     parser.add_argument("--result-file", required=True, help="answer file (JSON lines)")
     parser.add_argument("--output-json", help="write the scores here")

@@ -116,7 +116,7 @@ def format_summary(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     submission = commands.add_parser("submission", help="write the EvalAI upload file")
     submission.add_argument("--question-file", required=True,

@@ -459,9 +459,10 @@ def _record(question: EvalQuestion, text: str, model_name: str, metadata: dict |
     }
 
 
-def main_with_questions(description: str, load_questions, extra_args=None, argv=None) -> str:
-    """Command-line entry shared by the two loaders: parse, read questions, run."""
-    parser = argparse.ArgumentParser(description=description)
+def main_with_questions(description: str, load_questions, extra_args=None, argv=None, prog: str | None = None) -> str:
+    """Command-line entry shared by the two loaders: parse, read questions, run. ``prog``: the
+    command as users type it (``python -m llava.eval.model_vqa_loader``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     add_inference_args(parser)
     if extra_args:
         extra_args(parser)

@@ -25,7 +25,8 @@ def load_questions(args) -> list[EvalQuestion]:
 
 
 def main(argv=None) -> str:
-    return main_with_questions(__doc__.split("\n\n")[0], load_questions, argv=argv)
+    return main_with_questions(__doc__.split("\n\n")[0], load_questions, argv=argv,
+                               prog=f"python -m {__spec__.name}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def _extra(parser) -> None:
 
 
 def main(argv=None) -> str:
-    return main_with_questions(__doc__.split("\n\n")[0], load_questions, extra_args=_extra, argv=argv)
+    return main_with_questions(__doc__.split("\n\n")[0], load_questions, extra_args=_extra, argv=argv,
+                               prog=f"python -m {__spec__.name}")
 
 
 if __name__ == "__main__":

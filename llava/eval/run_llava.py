@@ -38,7 +38,7 @@ def build_prompt(query: str, conv_mode: str, use_im_start_end: bool, with_image:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     parser.add_argument("--image-file", required=True, help="one image, or several joined by --sep")
     parser.add_argument("--query", required=True)

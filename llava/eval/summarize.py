@@ -177,7 +177,7 @@ def _parse_scores(items: list[str]) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--eval-dir", default="./playground/data/eval", help="the eval root of the scripts")
     parser.add_argument("--baseline", required=True, help="the full model's run (CKPT name)")
     parser.add_argument("--run", action="append", default=[], help="a compressed run (CKPT name); repeat")

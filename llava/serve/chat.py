@@ -90,7 +90,7 @@ class ReplyMetrics:
 
     def line(self) -> str:
         speed = f"{self.tokens_per_s:.1f} tok/s" if self.tokens_per_s else "— tok/s"
-        return (f"{self.method}{'' if self.budget is None else f' @ {self.budget:g}'}: TTFT {self.ttft_ms:.0f} ms · "
+        return (f"{self.method}{'' if self.budget is None else f' @ {round(self.budget, 2):g}'}: TTFT {self.ttft_ms:.0f} ms · "
                 f"{speed} · {self.mean_vision_tokens:.1f} vision tokens/layer · KV {self.kv_mb:.2f} MB · "
                 f"{self.tflops * 1e3:.3f} GFLOPs")
 

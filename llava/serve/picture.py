@@ -66,7 +66,8 @@ def kept_patches_picture(image: Image.Image, trace: PruningTrace | None, side: i
         for mask, (first, end) in zip(kept_patch_masks(trace, side * side), bounds):
             shown = _patch_map(mask, side)[..., None]
             panels.append(np.where(shown, base, base * 0.2 + 20))
-            labels.append(f"layers {first}-{end - 1}: {int(mask.sum())}")
+            span = f"layer {first}" if end - 1 == first else f"layers {first}-{end - 1}"
+            labels.append(f"{span}: {int(mask.sum())}")
     gap, caption = 6, 18
     canvas = Image.new("RGB", (len(panels) * (PANEL + gap) - gap, PANEL + caption), "white")
     draw = ImageDraw.Draw(canvas)

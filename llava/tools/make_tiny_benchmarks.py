@@ -177,7 +177,7 @@ def make_tiny_benchmarks(out: str, per_benchmark: int = 4, seed: int = 0) -> str
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the eval root, e.g. playground/data/eval")
     parser.add_argument("--per-benchmark", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

@@ -268,7 +268,7 @@ def make_tiny_checkpoint(
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--format", default="llava", choices=["llava", "hf"])
     parser.add_argument("--seed", type=int, default=0)

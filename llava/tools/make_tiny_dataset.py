@@ -67,7 +67,7 @@ def make_tiny_dataset(out: str, samples: int = 36, seed: int = 0) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--samples", type=int, default=36)
     parser.add_argument("--seed", type=int, default=0)

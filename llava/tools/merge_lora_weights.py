@@ -40,7 +40,7 @@ def merge_lora(model_path: str, model_base: str, save_model_path: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", required=True, help="the LoRA output folder")
     parser.add_argument("--model-base", required=True, help="the model the LoRA was trained on")
     parser.add_argument("--save-model-path", required=True)

@@ -92,7 +92,7 @@ def test_compare_refuses_bad_input_with_one_line_and_keeps_serving(served, files
     cases = [(files / "notes.png", "adsc", 12, "not a readable image: notes.png"),
              (files / "huge.png", "adsc", 12, "80 x 80 pixels is over the limit of 4,000 pixels"),
              (files / "grid.png", "pdrop", 2, "prune method pdrop: vision token budget 2.0 is below"),
-             (files / "grid.png", "adsc", 12, "exceeds the context length")]
+             (files / "grid.png", "adsc", 12, "fills the context length")]
     for path, method, budget, message in cases:
         question = "word " * 3000 if "context" in message else "What?"
         with pytest.raises(Exception) as info:
