@@ -404,12 +404,40 @@ def load_shape(name_or_path: str) -> ModelShape:
     return ModelShape.from_config(wrapped)
 
 
-def _rows(shape, methods, budgets, workload, prune_layers, gpu_memory_gb, bandwidth_gbs) -> list[dict]:
+def load_recorded_schedule(name_or_path: str) -> tuple[str | None, tuple[int, ...]]:
+    """``(prune_method, prune_layers)`` a checkpoint's ``config.json`` records (a fine-tuned
+    schedule), ``(None, ())`` for a preset or a config without them."""
+    import json
+    import os
+
+    if name_or_path in PRESETS:
+        return None, ()
+    path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    return config.get("prune_method"), tuple(config.get("prune_layers") or ())
+
+
+def _rows(shape, methods, budgets, workload, prune_layers, gpu_memory_gb, bandwidth_gbs,
+          recorded_layers=()) -> tuple[list[dict], list[str]]:
+    """The rows of every reachable (method, budget), and one error line per unreachable one.
+    ``prune_layers`` (given) applies to every method; else a recorded schedule's layers where
+    they fit each method (``solve.recorded_prune_layers_for``), else each method's defaults."""
+    from .schedule import ScheduleError
+    from .solve import recorded_prune_layers_for
+
     full = model_cost(shape, None, None, workload)
     settings = [(None, None)] + [(m, b) for m in methods for b in budgets]
-    rows = []
+    rows, errors = [], []
     for method, budget in settings:
-        cost = full if method is None else model_cost(shape, method, budget, workload, prune_layers)
+        layers = prune_layers
+        if method is not None and layers is None and recorded_layers:
+            layers = recorded_prune_layers_for(method, recorded_layers, shape.decoder.num_layers)
+        try:
+            cost = full if method is None else model_cost(shape, method, budget, workload, layers)
+        except ScheduleError as error:
+            errors.append(f"error: {method} at {budget:g}: {error}")
+            continue
         row = {
             "method": cost.method, "budget": budget, "mean_vision_tokens": cost.mean_vision_tokens,
             "kept_after_last_stage": cost.kept_after_last_stage,
@@ -425,7 +453,7 @@ def _rows(shape, methods, budgets, workload, prune_layers, gpu_memory_gb, bandwi
                                         bandwidth_bytes_per_s=bandwidth_gbs * 1e9 if bandwidth_gbs else None)
             row["serving"] = dataclasses.asdict(capacity)
         rows.append(row)
-    return rows
+    return rows, errors
 
 
 CONVENTION = ("FLOPs: 2 per multiply-add, dense matrix products (attention over the full q x kv rectangle), "
@@ -460,9 +488,11 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m adsc_patch.profile", description="Analytic FLOPs and KV cache "
                                      "of LLaVA under every pruning method (no weights needed).")
     parser.add_argument("--model", default="llava-1.5-7b", help=f"a preset ({', '.join(PRESETS)}) or a config path")
-    parser.add_argument("--method", default="adsc", help="comma-separated methods (adsc,fastv,pdrop,tome,visionzip,pool)")
+    parser.add_argument("--method", default=None, help="comma-separated methods (adsc,fastv,pdrop,tome,visionzip,"
+                        "pool; default: the checkpoint's recorded method, else adsc)")
     parser.add_argument("--budgets", default="192,128,64", help="comma-separated mean vision tokens per layer")
-    parser.add_argument("--prune-layers", default=None, help="comma-separated (default: each method's own)")
+    parser.add_argument("--prune-layers", default=None, help="comma-separated (default: the checkpoint's recorded "
+                        "layers where they fit each method, else each method's own)")
     parser.add_argument("--text-tokens", type=int, default=TABLE_IV_WORKLOAD.text_tokens)
     parser.add_argument("--images", type=int, default=TABLE_IV_WORKLOAD.images)
     parser.add_argument("--new-tokens", type=int, default=TABLE_IV_WORKLOAD.new_tokens)
@@ -475,19 +505,23 @@ def main(argv=None) -> list[dict]:
     from .methods import PRUNE_METHODS
     from .schedule import ScheduleError
 
-    methods = [m for m in args.method.split(",") if m]
-    unknown = [m for m in methods if m not in PRUNE_METHODS]
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}; known: {', '.join(PRUNE_METHODS)}")
     try:
+        shape = load_shape(args.model)
+        recorded_method, recorded_layers = load_recorded_schedule(args.model)
+        methods = [m for m in (args.method or recorded_method or "adsc").split(",") if m]
+        unknown = [m for m in methods if m not in PRUNE_METHODS]
+        if unknown:
+            parser.error(f"unknown method(s) {unknown}; known: {', '.join(PRUNE_METHODS)}")
         budgets = [float(b) for b in args.budgets.split(",") if b]
         layers = None if args.prune_layers is None else [int(x) for x in args.prune_layers.split(",") if x]
-        shape = load_shape(args.model)
         workload = Workload(args.text_tokens, args.images, args.new_tokens, args.batch, _DTYPE_BYTES[args.dtype])
-        rows = _rows(shape, methods, budgets, workload, layers, args.gpu_memory_gb, args.bandwidth_gbs)
+        rows, errors = _rows(shape, methods, budgets, workload, layers, args.gpu_memory_gb, args.bandwidth_gbs,
+                             recorded_layers)
     except (ValueError, ScheduleError) as error:
         parser.exit(2, f"error: {error}\n")
     print(json.dumps(rows, indent=1) if args.json else markdown(rows), end="" if not args.json else "\n")
+    if errors:  # every reachable row is printed above; each unreachable one in a line of its own
+        parser.exit(2, "".join(line + "\n" for line in errors))
     return rows
 
 

@@ -17,7 +17,7 @@ from .methods import PRUNE_METHODS, is_pre_llm
 from .prellm import PreLlmPlan, pre_llm_schedule, solve_pre_llm
 from .schedule import ScheduleError, VisionSchedule, default_prune_layers, solve_drop_ratio
 
-__all__ = ["MethodSchedule", "default_prune_layers_for", "solve_method"]
+__all__ = ["MethodSchedule", "default_prune_layers_for", "recorded_prune_layers_for", "solve_method"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,17 @@ def default_prune_layers_for(method: str, num_layers: int) -> tuple[int, ...]:
     if is_pre_llm(method):
         return ()
     return default_prune_layers(num_layers)
+
+
+def recorded_prune_layers_for(method: str, recorded: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """The prune layers ``method`` takes on a checkpoint that records ``recorded`` (a fine-tuned
+    schedule): the pre-LLM methods none; FastV, which drops once, the first recorded layer
+    (when it is >= 1); the others the recorded layers; the method's defaults without any."""
+    if is_pre_llm(method):
+        return ()
+    if method == "fastv":
+        return (recorded[0],) if recorded and recorded[0] >= 1 else default_prune_layers_for(method, num_layers)
+    return tuple(recorded) if recorded else default_prune_layers_for(method, num_layers)
 
 
 def solve_method(method: str, budget: float, num_layers: int, grid: tuple[int, int], tower_layers_run: int,

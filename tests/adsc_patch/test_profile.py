@@ -132,3 +132,34 @@ def test_the_cli_prints_one_json_object_per_method_and_budget(capsys):
     with pytest.raises(SystemExit):
         main(["--method", "pdrop", "--prune-layers", "8,16,24", "--budgets", "64"])
     assert "prune method pdrop" in capsys.readouterr().err
+
+
+def test_a_checkpoints_recorded_schedule_is_the_profilers_default_and_unreachable_budgets_do_not_hide_the_rest(
+        tiny_deep_dir, tmp_path, capsys):
+    """A checkpoint fine-tuned with ADSC at layers [1, 4] (8 layers, 36 vision tokens): its method
+    and layers are the defaults (FastV takes the first, 1); an unreachable budget is one error line
+    after every reachable row."""
+    import json
+    import shutil
+
+    from adsc_patch.schedule import default_prune_layers, solve_drop_ratio
+
+    folder = tmp_path / "fine-tuned"
+    shutil.copytree(tiny_deep_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(prune_method="adsc", prune_layers=[1, 4], vision_token_budget=12.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(folder), "--budgets", "12,2", "--json"])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert [(r["method"], r["budget"]) for r in rows] == [("full", None), ("adsc", 12.0)]
+    at_recorded = solve_drop_ratio(8, 36, (1, 4), 12).stage_tokens[-1]
+    at_defaults = solve_drop_ratio(8, 36, default_prune_layers(8), 12).stage_tokens[-1]
+    assert rows[1]["kept_after_last_stage"] == at_recorded != at_defaults
+    assert err.splitlines() == [line for line in err.splitlines() if line.startswith("error: adsc at 2: ")]
+    assert len(err.splitlines()) == 1
+    main(["--model", str(folder), "--method", "fastv", "--budgets", "30", "--json"])
+    (fastv,) = json.loads(capsys.readouterr().out)[1:]
+    assert fastv["kept_after_last_stage"] == solve_drop_ratio(8, 36, (1,), 30).stage_tokens[-1]
