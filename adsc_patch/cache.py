@@ -12,11 +12,17 @@ def cache_layer_lengths(cache: Cache) -> list[int]:
     return [cache.get_seq_length(i) for i in range(len(cache.layers))]
 
 
-def cache_nbytes(cache: Cache) -> int:
-    """Bytes of the key and value tensors the cache holds, summed over layers."""
+def cache_nbytes(cache: Cache, without_last: int = 0) -> int:
+    """Bytes of the key and value tensors the cache holds, summed over layers; with
+    ``without_last`` the last that many positions of every layer are left out (after
+    ``generate``: the answer's tokens, one per step in every layer, so what stays is the
+    prefill's)."""
     total = 0
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if tensor is not None:
-                total += tensor.numel() * tensor.element_size()
+            if tensor is not None and tensor.numel():
+                length = tensor.shape[-2]
+                if without_last > length:
+                    raise ValueError(f"cannot leave out {without_last} positions of a layer caching {length}")
+                total += tensor.numel() // length * (length - without_last) * tensor.element_size()
     return total

@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,6 +54,8 @@ __all__ = [
     "clip_vision_parts",
     "output_cache",
     "output_cache_kwargs",
+    "adopt_renamed_training_args",
+    "peft_without_alias_warnings",
     "read_installed_layout",
     "reject_stray_cache",
     "resolve_layout",
@@ -258,3 +262,40 @@ def clip_vision_parts(model) -> ClipVisionParts:
             f"the vision-tower merging methods (tome, visionzip) are tested with transformers {TESTED_RANGE_TEXT}"
         )
     return ClipVisionParts(vision.embeddings, vision.pre_layrnorm, vision.encoder.layers)
+
+
+# transformers 5.23 renamed ``PreTrainedModel``'s ``*gradient_checkpointing*`` members to
+# ``*activation_checkpointing*`` and made the old ones warn; peft (0.18) still uses the old
+# ones whenever it wraps a model (``is_gradient_checkpointing``) or prepares one for k-bit
+# training (``gradient_checkpointing_enable``), so every LoRA load and setup printed a
+# FutureWarning that no flag of ours can fix.
+PEFT_READS_DEPRECATED = (r"`is_gradient_checkpointing` is deprecated", r"`gradient_checkpointing_enable` is deprecated")
+
+
+@contextmanager
+def peft_without_alias_warnings():
+    """Around our calls into peft: silence only the deprecation warnings peft's own reads of
+    renamed transformers properties raise (``PEFT_READS_DEPRECATED``); any other stays."""
+    with warnings.catch_warnings():
+        for message in PEFT_READS_DEPRECATED:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield
+
+
+# ``TrainingArguments`` fields renamed (5.23 has both; the old ones warn when given and go in
+# v6). Upstream LLaVA's scripts pass ``--gradient_checkpointing``: we keep the flag.
+TRAINING_ARGS_RENAMED = (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+
+
+def adopt_renamed_training_args(args) -> None:
+    """Before ``TrainingArguments.__post_init__``: a value given under an old name
+    (``TRAINING_ARGS_RENAMED``) moves to the new one when that is unset, so transformers takes
+    it without a deprecation warning (it then mirrors the new value back to the old name)."""
+    for old, new in TRAINING_ARGS_RENAMED:
+        if not hasattr(args, new):
+            raise TransformersLayoutError(f"transformers {transformers.__version__}: TrainingArguments has no "
+                                          f"{new!r} (tested range {TESTED_RANGE_TEXT})")
+        if getattr(args, new) is None and getattr(args, old, None) is not None:
+            setattr(args, new, getattr(args, old))
+            setattr(args, old, None)

@@ -33,6 +33,7 @@ __all__ = [
     "validate_drop_ratio",
     "vision_schedule",
     "solve_drop_ratio",
+    "lowest_reachable_average",
     "default_prune_layers",
     "DEFAULT_PRUNE_LAYER_FRACTIONS",
 ]
@@ -228,8 +229,8 @@ def solve_drop_ratio(
 
     candidates = _achievable(num_layers, num_vision_tokens, layers)
     feasible = [(i, c) for i, c in enumerate(candidates) if c[1][-1] > 0 and c[0] < 1]
-    lowest = min(float(c[2]) for _, c in feasible)
-    if budget < lowest - 0.5:
+    lowest = lowest_reachable_average(num_layers, num_vision_tokens, layers)
+    if budget < lowest - BUDGET_SLACK:
         first = layers[0]
         raise ScheduleError(
             f"vision token budget {round(budget, 6)} is below what prune layers {list(layers)} allow "
@@ -251,6 +252,21 @@ def solve_drop_ratio(
     schedule = vision_schedule(num_layers, num_vision_tokens, layers, ratio)
     assert schedule.stage_tokens == counts, (schedule.stage_tokens, counts)
     return schedule
+
+
+# A budget this far below the lowest reachable average still gets that lowest schedule.
+BUDGET_SLACK = 0.5
+
+
+def lowest_reachable_average(num_layers: int, num_vision_tokens: int, prune_layers: Sequence[int]) -> float:
+    """The smallest mean vision tokens per layer that ``prune_layers`` can reach (every stage
+    keeps at least one token); ``solve_drop_ratio`` accepts budgets from
+    ``lowest - BUDGET_SLACK`` up to ``num_vision_tokens``."""
+    layers = validate_prune_layers(prune_layers, num_layers)
+    if not layers:
+        return float(num_vision_tokens)
+    candidates = _achievable(num_layers, num_vision_tokens, layers)
+    return min(float(average) for q, counts, average in candidates if counts[-1] > 0 and q < 1)
 
 
 def default_prune_layers(num_layers: int) -> tuple[int, ...]:

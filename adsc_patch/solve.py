@@ -9,15 +9,18 @@ the model hook (``configure_pruning``), the profiler and the benchmark share.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 from .fastv import DEFAULT_FASTV_LAYER, check_prune_layers
 from .methods import PRUNE_METHODS, is_pre_llm
 from .prellm import PreLlmPlan, pre_llm_schedule, solve_pre_llm
-from .schedule import ScheduleError, VisionSchedule, default_prune_layers, solve_drop_ratio
+from .schedule import (BUDGET_SLACK, ScheduleError, VisionSchedule, default_prune_layers, lowest_reachable_average,
+                       solve_drop_ratio)
 
-__all__ = ["MethodSchedule", "default_prune_layers_for", "recorded_prune_layers_for", "solve_method"]
+__all__ = ["MethodSchedule", "default_prune_layers_for", "reachable_budget_range", "recorded_prune_layers_for",
+           "solve_method"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +79,31 @@ def solve_method(method: str, budget: float, num_layers: int, grid: tuple[int, i
     except ScheduleError as error:
         raise ScheduleError(f"prune method {method}: {error}") from None
     return MethodSchedule(method, float(budget), schedule)
+
+
+def reachable_budget_range(method: str, num_layers: int, grid: tuple[int, int], tower_layers_run: int,
+                           prune_layers: Sequence[int] | None = None) -> tuple[int, int]:
+    """``(lowest, highest)``: the whole-token budgets ``solve_method`` accepts for ``method``
+    (at ``prune_layers``, default: the method's); every whole budget between them is accepted.
+    ``ScheduleError`` when none is (e.g. bad layers)."""
+    num_tokens = grid[0] * grid[1]
+    if not is_pre_llm(method):
+        layers = default_prune_layers_for(method, num_layers) if prune_layers is None else tuple(prune_layers)
+        if method == "fastv":
+            check_prune_layers(layers)
+        if not layers:
+            return num_tokens, num_tokens
+        lowest = lowest_reachable_average(num_layers, num_tokens, layers)
+        return max(1, math.ceil(lowest - BUDGET_SLACK)), num_tokens
+
+    def reachable(budget: int) -> bool:
+        try:
+            solve_method(method, budget, num_layers, grid, tower_layers_run, prune_layers)
+        except ScheduleError:
+            return False
+        return True
+
+    accepted = [budget for budget in range(1, num_tokens + 1) if reachable(budget)]
+    if not accepted:
+        raise ScheduleError(f"prune method {method}: no budget of 1..{num_tokens} tokens is reachable")
+    return accepted[0], accepted[-1]

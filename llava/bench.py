@@ -328,10 +328,10 @@ def _train_step_ms(model, method, ids, mask, pixels, args) -> float:
 
     labels = ids.clone()
     labels[:, : ids.shape[1] - max(1, args.text_tokens // 4)] = -100
-    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                 "o_proj", "gate_proj", "up_proj",
-                                                                                 "down_proj"],
-                                            exclude_modules=r".*vision_tower.*"))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    with compat.peft_without_alias_warnings():
+        lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                                exclude_modules=r".*vision_tower.*"))
     lora.train()
 
     def step():

@@ -38,6 +38,23 @@ def tiny_deep_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_finetuned_dir(tiny_deep_dir, tmp_path_factory) -> str:
+    """``tiny_deep_dir`` whose config.json records what training writes after fine-tuning with
+    ADSC at layers [1, 4], budget 12 (``LlavaLlamaForCausalLM.recorded_pruning``)."""
+    import json
+    import shutil
+
+    path = str(tmp_path_factory.mktemp("recorded") / "adsc-finetuned")
+    shutil.copytree(tiny_deep_dir, path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.update(prune_method="adsc", prune_layers=[1, 4], vision_token_budget=12, drop_ratio=0.0)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+@pytest.fixture(scope="session")
 def loaded_tiny(tiny_llava_dir):
     from llava.model.builder import load_pretrained_model
 

@@ -13,7 +13,8 @@ from ..cli import fail
 logger = logging.getLogger(__name__)
 
 
-def _layer_list(text: str) -> list[int]:
+def parse_layer_list(text: str) -> list[int]:
+    """``'1, 4'`` -> ``[1, 4]`` (the ``--prune-layers`` flag and the demo's layers box)."""
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
@@ -22,7 +23,7 @@ def _layer_list(text: str) -> list[int]:
 
 def add_pruning_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ADSC vision-token pruning (default: the checkpoint's own schedule)")
-    group.add_argument("--prune-layers", type=_layer_list, default=None,
+    group.add_argument("--prune-layers", type=parse_layer_list, default=None,
                        help="comma-separated 0-based decoder layers; tokens drop at the input of each")
     ratio = group.add_mutually_exclusive_group()
     ratio.add_argument("--drop-ratio", type=float, default=None, help="fraction dropped at every prune layer")

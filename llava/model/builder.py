@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from adsc_patch import compat
+
 from ..cli import InputError, MissingDependencyError
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from .fingerprint import weights_fingerprint
@@ -410,7 +412,8 @@ def _load_on_base(layout: str, model_path: str, model_base: str, config: LlavaCo
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(model, model_path)
+        with compat.peft_without_alias_warnings():
+            model = PeftModel.from_pretrained(model, model_path)
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"the LoRA adapter at {model_path} does not fit base {model_base}: {error}") from error
     logger.info("merging LoRA weights")

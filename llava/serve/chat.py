@@ -28,6 +28,7 @@ from transformers import TextIteratorStreamer
 
 from adsc_patch import PruningTrace, compat
 from adsc_patch.cache import cache_nbytes
+from adsc_patch.methods import is_pre_llm
 from adsc_patch.profile import ModelShape, Workload, model_cost
 
 from ..cli import InputError
@@ -39,7 +40,7 @@ from ..model.pruning_setting import PruningSetting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChatEngine", "Reply", "ReplyMetrics", "open_image", "mean_vision_tokens", "MAX_IMAGE_PIXELS"]
+__all__ = ["ChatEngine", "Reply", "ReplyMetrics", "open_image", "mean_vision_tokens", "setting_label", "MAX_IMAGE_PIXELS"]
 
 MAX_IMAGE_PIXELS = 25_000_000  # 5000 x 5000; LLaVA-1.5 sees 336 x 336 anyway
 
@@ -74,9 +75,25 @@ def mean_vision_tokens(trace: PruningTrace | None, num_layers: int, all_tokens: 
     return sum(k * (end - first) for k, (first, end) in zip(kept, bounds)) / num_layers
 
 
+def setting_label(setting: PruningSetting) -> str:
+    """``full``, ``pool @ 14`` or ``adsc @ 13.4 · layers 1, 4``: what a pane ran."""
+    if not setting.enabled:
+        return "full"
+    label = f"{setting.prune_method} @ {round(setting.vision_token_budget, 2):g}" \
+        if setting.vision_token_budget is not None else f"{setting.prune_method} ratio {setting.drop_ratio:.3g}"
+    if setting.prune_layers:
+        label += f" · layer{'s' if len(setting.prune_layers) > 1 else ''} {', '.join(map(str, setting.prune_layers))}"
+    return label
+
+
 @dataclass
 class ReplyMetrics:
-    """What one reply cost. ``kv_mb``: the call's cache after the last step (MB = 1e6 bytes)."""
+    """What one reply cost, its prompt's prefill apart from its answer (MB = 1e6 bytes).
+
+    ``prefill_kv_mb``: the call's cache without the answer's positions (measured);
+    ``prefill_gflops``: tower, projector, ranking and the prompt's prefill (cost model);
+    ``answer_gflops``: the decode steps; ``kv_mb``: the cache after the last step (measured);
+    ``tflops``: everything. ``prompt_tokens`` counts text only (the image's are the vision tokens)."""
 
     method: str
     budget: float | None
@@ -87,12 +104,24 @@ class ReplyMetrics:
     kv_mb: float
     tflops: float
     prompt_tokens: int
+    prefill_kv_mb: float = 0.0
+    prefill_gflops: float = 0.0
+    answer_gflops: float = 0.0
+    label: str = ""
+
+    def prefill_line(self) -> str:
+        return (f"{self.label or self.method} — prefill of {self.prompt_tokens} text tokens + image: "
+                f"{self.mean_vision_tokens:.1f} vision tokens/layer · KV {self.prefill_kv_mb:.3f} MB · "
+                f"{self.prefill_gflops:.3f} GFLOPs · TTFT {self.ttft_ms:.0f} ms")
+
+    def answer_line(self) -> str:
+        speed = f"{self.tokens_per_s:.1f} tok/s" if self.tokens_per_s else "— tok/s"
+        return (f"answer: {self.new_tokens} tokens · {speed} · {self.answer_gflops:.3f} GFLOPs · "
+                f"KV after it {self.kv_mb:.3f} MB")
 
     def line(self) -> str:
-        speed = f"{self.tokens_per_s:.1f} tok/s" if self.tokens_per_s else "— tok/s"
-        return (f"{self.method}{'' if self.budget is None else f' @ {round(self.budget, 2):g}'}: TTFT {self.ttft_ms:.0f} ms · "
-                f"{speed} · {self.mean_vision_tokens:.1f} vision tokens/layer · KV {self.kv_mb:.2f} MB · "
-                f"{self.tflops * 1e3:.3f} GFLOPs")
+        """Both lines, prefill first."""
+        return f"{self.prefill_line()}\n{self.answer_line()}"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,12 +162,33 @@ class ChatEngine:
         self.context_length = context_length(model.config)
 
     # ------------------------------------------------------------------ settings
-    def setting(self, method: str | None, budget: float | None) -> PruningSetting:
-        """``method`` at ``budget`` mean vision tokens (``None`` / ``"full"``: no pruning); a
-        ``ScheduleError`` names an unreachable budget. The config is not touched."""
+    def setting(self, method: str | None, budget: float | None, prune_layers=None) -> PruningSetting:
+        """``method`` at ``budget`` mean vision tokens (``None`` / ``"full"``: no pruning), at
+        ``prune_layers`` (default: ``model.prune_layers_for(method)``, the checkpoint's where
+        they fit); a ``ScheduleError`` names an unreachable budget. The config is not touched."""
         if method in (None, "full"):
             return self.model.resolve_pruning(prune_layers=[], drop_ratio=0.0)[0]
-        return self.model.resolve_pruning(method=method, vision_token_budget=float(budget))[0]
+        if prune_layers is None and not is_pre_llm(method):
+            prune_layers = self.model.prune_layers_for(method)
+        return self.model.resolve_pruning(prune_layers=None if is_pre_llm(method) else list(prune_layers),
+                                          method=method, vision_token_budget=float(budget))[0]
+
+    def default_setting(self) -> PruningSetting:
+        """The checkpoint's recorded schedule, else ADSC at a third of the vision tokens."""
+        recorded = self.model.recorded_pruning
+        if recorded is not None and recorded.vision_token_budget is not None:
+            return self.setting(recorded.prune_method, recorded.vision_token_budget,
+                                recorded.prune_layers if not is_pre_llm(recorded.prune_method) else None)
+        if recorded is not None:
+            return recorded
+        return self.setting("adsc", max(1, round(self.num_patches / 3)))
+
+    def warm_up(self, settings) -> None:
+        """One short answer per setting on a grey image, so no reply's TTFT carries the first
+        call's one-off costs."""
+        image = Image.new("RGB", (32, 32), (127, 127, 127))
+        for setting in settings:
+            self.answer(image, [], "Describe the image.", setting, max_new_tokens=2)
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, history: list[tuple[str, str]], question: str) -> str:
@@ -207,13 +257,17 @@ class ChatEngine:
         cost = model_cost(self.shape, method, pruning.vision_token_budget if method else None,
                           Workload(prompt_tokens, 1, new_tokens, 1, torch.finfo(self.model.dtype).bits // 8),
                           prune_layers=pruning.prune_layers or None)
-        trace = result["trace"]
+        trace, cache = result["trace"], compat.output_cache(out)
         metrics = ReplyMetrics(
             method=method or "full", budget=pruning.vision_token_budget if method else None, ttft_ms=ttft,
             tokens_per_s=speed, new_tokens=new_tokens,
             mean_vision_tokens=mean_vision_tokens(trace, self.model.config.num_hidden_layers, self.num_patches),
-            kv_mb=cache_nbytes(compat.output_cache(out)) / 1e6, tflops=cost.flops_total / 1e12, prompt_tokens=prompt_tokens)
-        logger.info("reply %s", metrics.line())
+            kv_mb=cache_nbytes(cache) / 1e6, tflops=cost.flops_total / 1e12, prompt_tokens=prompt_tokens,
+            # the last answer token is never fed back, so the cache holds new_tokens - 1 of them
+            prefill_kv_mb=cache_nbytes(cache, without_last=max(new_tokens - 1, 0)) / 1e6,
+            prefill_gflops=(cost.flops_total - cost.decode_flops) / 1e9, answer_gflops=cost.decode_flops / 1e9,
+            label=setting_label(pruning))
+        logger.info("reply %s; %s", metrics.prefill_line(), metrics.answer_line())
         yield Reply(text=text, metrics=metrics, trace=trace, history=[*history, (question.strip(), text)])
 
     def trace(self, image: Image.Image, history, question: str, pruning: PruningSetting) -> PruningTrace | None:

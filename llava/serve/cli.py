@@ -70,7 +70,7 @@ def main(argv=None, stdin=None, stdout=None) -> list[Reply]:
             continue
         reply = replies[-1]
         history = reply.history
-        stdout.write(f"\n[{reply.metrics.line()}]\n")
+        stdout.write(f"\n[{reply.metrics.prefill_line()}]\n[{reply.metrics.answer_line()}]\n")
         stdout.flush()
     if refused and not replies:  # a script piping questions in must see that nothing was answered
         raise InputError(f"no question was answered ({len(refused)} refused; the first: {refused[0]})")

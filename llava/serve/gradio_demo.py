@@ -1,20 +1,29 @@
 """Side-by-side web demo: the same image and question to the full and the compressed model.
 
 ``python -m llava.serve.gradio_demo [--model-path P] [--model-base B] [--load-4bit]
-[--prune-method adsc] [--vision-token-budget 192] [--host 127.0.0.1] [--port 7860]``
+[--prune-method M] [--vision-token-budget B] [--prune-layers L] [--host 127.0.0.1] [--port 7860]``
 
 One model in memory serves both panes; each call carries its own pruning setting
 (``ChatEngine.setting`` -> ``model.pruned_as``), so concurrent requests never share a
-schedule. Under each reply: time to first token, tokens/s, mean vision tokens per layer,
-KV-cache MB read off the call's cache and FLOPs from the profiler; beside them the patches
-that survive each stage (or the merge groups of a pre-LLM method), drawn from the call's
-``PruningTrace``. Bad input (no image, a non-image, a huge image, an empty question, a
-prompt over the context length, an unreachable budget) and model errors give one line in
-the status box and a log line with the cause; the demo keeps serving.
+schedule. The compressed pane starts at the checkpoint's recorded schedule (method, budget,
+layers); another method takes the checkpoint's layers where they fit it, the layers box
+changes them, and the budget slider spans what the method at those layers can reach (the
+solver's range). A warm-up call per pane runs before serving.
+
+Under each reply two lines: the prefill of its prompt (vision tokens per layer, KV-cache MB
+read off the call's cache without the answer's positions, FLOPs of the tower, projector,
+ranking and prefill from the profiler, time to first token), then the answer (tokens,
+tokens/s, decode FLOPs, the cache after it). The picture shows the patches that survived
+each stage (or the merge groups of a pre-LLM method) of the compressed pane's last reply,
+captioned with its setting: always the setting its metrics describe. Bad input (no image, a
+non-image, a huge image or upload, an empty question, a prompt over the context length, an
+unreachable budget, bad layers) and model errors give one line in the status box and a log
+line with the cause; the demo keeps serving.
 
 Scripts call ``api_name="compare"``: (image file, question, method, budget) -> (full answer,
 compressed answer, metrics JSON ``{"full": {...}, "compressed": {...}}`` with
-``mean_vision_tokens``, ``kv_mb``, ``ttft_ms``, ...), e.g. with ``gradio_client``::
+``mean_vision_tokens``, ``prefill_kv_mb``, ``prefill_gflops``, ``kv_mb``, ``ttft_ms``, ...), e.g.
+with ``gradio_client``::
 
     Client("http://127.0.0.1:7860").predict(handle_file("img.png"), "What is shown?", "adsc", 192,
                                             api_name="/compare")
@@ -29,10 +38,12 @@ import logging
 import os
 
 from adsc_patch import PRUNE_METHODS, ScheduleError
+from adsc_patch.methods import is_pre_llm
 
 from ..cli import InputError, MissingDependencyError, add_debug_arg, fail, run_command
 from ..eval.inference import add_model_args, load_model_from_args
-from .chat import MAX_IMAGE_PIXELS, ChatEngine, open_image
+from ..eval.pruning_args import parse_layer_list
+from .chat import MAX_IMAGE_PIXELS, ChatEngine, open_image, setting_label
 from .picture import kept_patches_picture
 
 logger = logging.getLogger("llava.serve.gradio_demo")
@@ -40,6 +51,8 @@ logger = logging.getLogger("llava.serve.gradio_demo")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLAYGROUND_RUN = os.path.join(ROOT, "playground", "runs", "default")
 PLAYGROUND_CHECKPOINT = os.path.join(PLAYGROUND_RUN, "checkpoints", "adsc-1of3")
+MAX_UPLOAD_BYTES = 50_000_000
+GRADIO_UPLOAD_GUARD_BYTES = 1_000_000_000
 
 
 def default_model_path() -> str:
@@ -64,26 +77,84 @@ def _problem(error: BaseException) -> str:
     return f"⚠️ the model failed on this request ({type(error).__name__}: {error}); the demo keeps serving"
 
 
-def build_demo(engine: ChatEngine, method: str = "adsc", budget: float | None = None,
-               examples: list[str] | None = None, max_new_tokens: int = 64):
-    """The gradio ``Blocks`` app over ``engine`` (``launch`` it, or test it in-process)."""
+def parse_layers(text: str | None) -> list[int] | None:
+    """The layers box: comma-separated decoder layers; empty: ``None`` (the method's own)."""
+    if not (text or "").strip():
+        return None
+    try:
+        return parse_layer_list(text)
+    except argparse.ArgumentTypeError:
+        raise InputError(f"prune layers {text.strip()!r}: give comma-separated decoder layers, e.g. 1, 4") from None
+
+
+def _metrics_md(metrics) -> str:
+    return f"{metrics.prefill_line()}  \n{metrics.answer_line()}"
+
+
+def layers_text(layers) -> str:
+    return ", ".join(map(str, layers))
+
+
+def playground_question_hint(model_path: str | None) -> str | None:
+    """A question of the playground's kind when ``model_path`` is a checkpoint of a playground
+    run (its run folder, two levels up, holds ``study_config.json``)."""
+    if not model_path or not os.path.isdir(model_path):
+        return None
+    run = os.path.dirname(os.path.dirname(os.path.abspath(model_path)))
+    if not os.path.isfile(os.path.join(run, "study_config.json")):
+        return None
+    return "e.g. What digit is in row 1, column 2? Answer the question using a single word or phrase."
+
+
+def check_upload_size(path: str, max_bytes: int) -> None:
+    """``InputError`` naming the file when it is over ``max_bytes``."""
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise InputError(f"{os.path.basename(path)}: {size / 1e6:.1f} MB is over the upload limit of "
+                         f"{max_bytes / 1e6:g} MB")
+
+
+def build_demo(engine: ChatEngine, method: str | None = None, budget: float | None = None,
+               examples: list[str] | None = None, max_new_tokens: int = 64, prune_layers=None,
+               question_hint: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES, warm_up: bool = True):
+    """The gradio ``Blocks`` app over ``engine`` (``launch`` it, or test it in-process).
+
+    The compressed pane starts at ``method`` / ``budget`` / ``prune_layers``, each defaulting
+    to the checkpoint's recorded schedule (``ChatEngine.default_setting``); ``warm_up`` runs
+    both first settings once before serving."""
     import gradio as gr
 
-    num_patches, layers = engine.num_patches, engine.model.config.num_hidden_layers
-    side = engine.model.get_vision_tower().num_patches_per_side
-    budget = budget if budget is not None else max(1, round(num_patches / 3))
+    model = engine.model
+    layers = model.config.num_hidden_layers
+    side = model.get_vision_tower().num_patches_per_side
+    default = engine.default_setting()
+    method = method or default.prune_method
+    if budget is None:
+        budget = default.vision_token_budget if method == default.prune_method and default.vision_token_budget \
+            else max(1, round(engine.num_patches / 3))
+    if prune_layers is None:
+        prune_layers = model.prune_layers_for(method)
+    first = engine.setting(method, budget, prune_layers)  # refuses an unreachable start before serving
+    low, high = model.reachable_budgets(method, None if is_pre_llm(method) else prune_layers)
+    if warm_up:
+        engine.warm_up([engine.setting(None, None), first])
 
     def picture(image, trace):
         return kept_patches_picture(image, trace, side, layers)
 
-    def stream_both(image_path, question, method, budget, full_history, comp_history, full_msgs, comp_msgs):
+    def describe(method, budget, layers_box):
+        """The setting the controls ask for, or the line refusing it."""
+        return engine.setting(method, budget, parse_layers(layers_box))
+
+    def stream_both(image_path, question, method, budget, layers_box, full_history, comp_history, full_msgs,
+                    comp_msgs):
         """Generator of (full chat, compressed chat, full metrics, compressed metrics, picture,
-        status, full history, compressed history) updates."""
+        caption, status, full history, compressed history) updates."""
         full_msgs, comp_msgs = list(full_msgs or []), list(comp_msgs or [])
-        keep = (gr.update(), gr.update(), gr.update(), gr.update(), gr.update())
+        keep = (gr.update(),) * 6
         try:
             image = open_image(image_path, engine.max_image_pixels)
-            full_setting, comp_setting = engine.setting(None, None), engine.setting(method, budget)
+            full_setting, comp_setting = engine.setting(None, None), describe(method, budget, layers_box)
             engine.encode(image, full_history or [], question or "", max_new_tokens)  # refuse before any output
         except Exception as error:  # noqa: BLE001 - every failure becomes one status line
             yield (*keep, _problem(error), full_history, comp_history)
@@ -101,38 +172,54 @@ def build_demo(engine: ChatEngine, method: str = "adsc", budget: float | None = 
                         replies[pane] = item
                         msgs[-1] = {"role": "assistant", "content": item.text}
                     yield (full_msgs, comp_msgs,
-                           replies["full"].metrics.line() if "full" in replies else gr.update(),
-                           replies["compressed"].metrics.line() if "compressed" in replies else gr.update(),
-                           gr.update(), f"answering ({pane})…", full_history, comp_history)
+                           _metrics_md(replies["full"].metrics) if "full" in replies else gr.update(),
+                           _metrics_md(replies["compressed"].metrics) if "compressed" in replies else gr.update(),
+                           gr.update(), gr.update(), f"answering ({pane})…", full_history, comp_history)
         except Exception as error:  # noqa: BLE001
             yield (*keep, _problem(error), full_history, comp_history)
             return
-        yield (full_msgs, comp_msgs, replies["full"].metrics.line(), replies["compressed"].metrics.line(),
-               picture(image, replies["compressed"].trace), "done", replies["full"].history,
+        caption = f"kept by the compressed pane's last reply: {setting_label(comp_setting)}"
+        yield (full_msgs, comp_msgs, _metrics_md(replies["full"].metrics), _metrics_md(replies["compressed"].metrics),
+               picture(image, replies["compressed"].trace), caption, "done", replies["full"].history,
                replies["compressed"].history)
 
-    def redraw(image_path, question, method, budget, comp_history):
-        """A new method or budget: one prefill under it (no answer) for its kept-patch picture."""
-        if not image_path:
-            return gr.update(), ""
+    def new_method(method, layers_box):
+        """A new method: its layers on this checkpoint, the budgets they reach."""
+        own = () if is_pre_llm(method) else model.prune_layers_for(method)
+        box = gr.update(value=layers_text(own), interactive=not is_pre_llm(method))
+        return (box, *new_layers(method, layers_text(own), None)[1:])
+
+    def new_layers(method, layers_box, budget):
+        """New layers: the budget slider's range becomes what they reach (the value kept inside it)."""
         try:
-            image = open_image(image_path, engine.max_image_pixels)
-            trace = engine.trace(image, comp_history or [], (question or "").strip() or "Describe the image.",
-                                 engine.setting(method, budget))
+            chosen = None if is_pre_llm(method) else (parse_layers(layers_box) or model.prune_layers_for(method))
+            low, high = model.reachable_budgets(method, chosen)
         except Exception as error:  # noqa: BLE001
-            return gr.update(), _problem(error)
-        return picture(image, trace), f"{method} @ {budget:g}: kept patches shown"
+            return gr.update(), gr.update(), _problem(error)
+        value = min(max(budget if budget is not None else low, low), high)
+        where = "" if chosen is None else f" at layer{'s' if len(chosen) > 1 else ''} {layers_text(chosen)}"
+        return (gr.update(), gr.update(minimum=low, maximum=high, value=value),
+                f"{method}{where} reaches budgets {low}–{high}: send to compare")
+
+    def check_setting(method, budget, layers_box):
+        try:
+            return f"{setting_label(describe(method, budget, layers_box))}: send to compare"
+        except Exception as error:  # noqa: BLE001
+            return _problem(error)
 
     def new_image(image_path):
-        """A new upload starts a new chat; a bad one says why."""
-        empty = ([], [], "", "", None, [], [])
+        """A new upload starts a new chat; a bad one says why and empties the box (the status
+        stays when the box is emptied so)."""
+        cleared = ([], [], "", "", None, "", [], [])
         if not image_path:
-            return (*empty[:4], None, "upload an image", [], [])
+            return (gr.update(), None, *cleared[:4], None, "", gr.update(), [], [])
         try:
+            check_upload_size(image_path, max_upload_bytes)
             image = open_image(image_path, engine.max_image_pixels)
         except Exception as error:  # noqa: BLE001
-            return (*empty[:4], None, _problem(error), [], [])
-        return (*empty[:4], picture(image, None), "image ready: ask a question", [], [])
+            return (None, None, *cleared[:4], None, "", _problem(error), [], [])
+        return (gr.update(), image, *cleared[:4], picture(image, None),
+                "the whole image (nothing asked yet)", "image ready: ask a question", [], [])
 
     def compare(image_path, question, method, budget):
         """API: one turn on both sides; errors reach the client as one line."""
@@ -147,15 +234,19 @@ def build_demo(engine: ChatEngine, method: str = "adsc", budget: float | None = 
     with gr.Blocks(title="LLaVA + ADSC: full vs compressed") as demo:
         gr.Markdown("## LLaVA + ADSC: the full model and the compressed one, side by side\n"
                     "Upload an image, ask a question; the compressed pane prunes vision tokens with the chosen "
-                    "method at the chosen budget (mean vision tokens per decoder layer).")
+                    "method at the chosen budget (mean vision tokens per decoder layer). Each pane's first metrics "
+                    "line is its prompt's prefill, the second its answer.")
         full_history, comp_history = gr.State([]), gr.State([])
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="image", file_count="single", type="filepath", elem_id="image-upload")
+                preview = gr.Image(label="your image", type="pil", interactive=False, elem_id="preview", height=200)
                 method_box = gr.Dropdown(list(PRUNE_METHODS), value=method, label="method (compressed pane)",
                                          elem_id="method")
-                budget_box = gr.Slider(1, num_patches, value=budget, step=1, label="vision-token budget",
-                                       elem_id="budget")
+                layers_box = gr.Textbox(value=layers_text(prune_layers), label="prune layers (decoder layers)",
+                                        interactive=not is_pre_llm(method), elem_id="layers")
+                budget_box = gr.Slider(low, high, value=min(max(budget, low), high), step=1,
+                                       label="vision-token budget (reachable range)", elem_id="budget")
                 status = gr.Markdown("upload an image", elem_id="status")
                 if examples:
                     gr.Examples(examples=[[path] for path in examples], inputs=[upload], label="playground images")
@@ -169,18 +260,27 @@ def build_demo(engine: ChatEngine, method: str = "adsc", budget: float | None = 
                         comp_metrics = gr.Markdown(elem_id="compressed-metrics")
                 kept = gr.Image(label="what the compressed model kept", type="pil", interactive=False,
                                 elem_id="kept", height=320)
+                kept_caption = gr.Markdown(elem_id="kept-caption")
         with gr.Row():
-            question = gr.Textbox(label="question", placeholder="Ask about the image", elem_id="question", scale=4)
+            question = gr.Textbox(label="question", placeholder=question_hint or "Ask about the image",
+                                  elem_id="question", scale=4)
             send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
-        outputs = [full_chat, comp_chat, full_metrics, comp_metrics, kept, status, full_history, comp_history]
-        inputs = [upload, question, method_box, budget_box, full_history, comp_history, full_chat, comp_chat]
+        outputs = [full_chat, comp_chat, full_metrics, comp_metrics, kept, kept_caption, status, full_history,
+                   comp_history]
+        inputs = [upload, question, method_box, budget_box, layers_box, full_history, comp_history, full_chat,
+                  comp_chat]
         send.click(stream_both, inputs, outputs, api_name="chat", concurrency_limit=1)
         question.submit(stream_both, inputs, outputs, api_name=False, concurrency_limit=1)
-        upload.change(new_image, [upload], [full_chat, comp_chat, full_metrics, comp_metrics, kept, status,
-                                            full_history, comp_history], api_name=False)
-        for box in (method_box, budget_box):
-            box.change(redraw, [upload, question, method_box, budget_box, comp_history], [kept, status],
-                       api_name=False, concurrency_limit=1)
+        upload.change(new_image, [upload], [upload, preview, full_chat, comp_chat, full_metrics, comp_metrics, kept,
+                                            kept_caption, status, full_history, comp_history], api_name=False)
+        upload.clear(lambda: "upload an image", None, status, api_name=False)
+        method_box.change(new_method, [method_box, layers_box], [layers_box, budget_box, status], api_name=False)
+        layers_box.submit(new_layers, [method_box, layers_box, budget_box], [layers_box, budget_box, status],
+                          api_name=False)
+        layers_box.blur(new_layers, [method_box, layers_box, budget_box], [layers_box, budget_box, status],
+                        api_name=False)
+        budget_box.input(check_setting, [method_box, budget_box, layers_box], [status], api_name=False,
+                         trigger_mode="always_last")
 
         # The scripting endpoint: hidden components, one call per request.
         api_image = gr.File(visible=False, type="filepath")
@@ -198,12 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava.serve.gradio_demo", description=__doc__.split("\n\n")[0])
     add_model_args(parser, model_path_help="checkpoint folder or hub id (default: the playground's fine-tuned "
                                            "ADSC checkpoint, playground/runs/default/checkpoints/adsc-1of3)")
-    parser.add_argument("--prune-method", choices=PRUNE_METHODS, default="adsc", help="the compressed pane's first method")
+    parser.add_argument("--prune-method", choices=PRUNE_METHODS, default=None,
+                        help="the compressed pane's first method (default: the checkpoint's recorded one, else adsc)")
     parser.add_argument("--vision-token-budget", type=float, default=None,
-                        help="the compressed pane's first budget (default: a third of the vision tokens)")
+                        help="the compressed pane's first budget (default: the checkpoint's recorded one, else a "
+                             "third of the vision tokens)")
+    parser.add_argument("--prune-layers", type=parse_layer_list, default=None,
+                        help="the compressed pane's first prune layers (default: the checkpoint's where they fit the "
+                             "method, else the method's own)")
     parser.add_argument("--conv-mode", default=None, help="default: the checkpoint's conv_mode, else vicuna_v1")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS)
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 1e6,
+                        help="larger uploads are refused in the status line")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     add_debug_arg(parser)
@@ -222,13 +329,17 @@ def main(argv=None):
     tokenizer, model, image_processor, _ = load_model_from_args(args)
     engine = ChatEngine(tokenizer, model, image_processor, args.conv_mode, args.max_image_pixels)
     try:
-        engine.setting(args.prune_method, args.vision_token_budget or max(1, round(engine.num_patches / 3)))
+        demo = build_demo(engine, args.prune_method, args.vision_token_budget, playground_examples(),
+                          args.max_new_tokens, prune_layers=args.prune_layers,
+                          question_hint=playground_question_hint(args.model_path),
+                          max_upload_bytes=int(args.max_upload_mb * 1e6))
     except ScheduleError as error:
         fail(error)
-    demo = build_demo(engine, args.prune_method, args.vision_token_budget, playground_examples(), args.max_new_tokens)
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, show_error=False, max_file_size="50mb")
+        # gradio's own limit is only the last guard: uploads over --max-upload-mb are refused in the status line
+        demo.launch(server_name=args.host, server_port=args.port, show_error=False,
+                    max_file_size=max(GRADIO_UPLOAD_GUARD_BYTES, int(args.max_upload_mb * 1e6)))
     except OSError as error:  # taken between the check and the launch
         raise InputError(f"cannot serve on {args.host}:{args.port} ({error}): choose another with --port") from None
     return demo

@@ -182,7 +182,9 @@ def main(argv=None) -> None:
     parser.add_argument("--per-benchmark", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(make_tiny_benchmarks(args.out, args.per_benchmark, args.seed))
+    out = make_tiny_benchmarks(args.out, args.per_benchmark, args.seed)
+    print(f"wrote {args.per_benchmark} questions each of {', '.join(BENCHMARKS)} (upstream's layout) under {out}; "
+          f"point the eval scripts at it with EVAL_DIR={out}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from adsc_patch import compat
 from adsc_patch.methods import PRUNE_METHODS
 
 from ..cli import InputError
@@ -96,6 +97,7 @@ class TrainingArguments(transformers.TrainingArguments):
             raise InputError(f"--save_every_minutes must be >= 0 (0: off), got {self.save_every_minutes}")
         if self.bits not in (4, 8, 16, 32):
             raise InputError(f"--bits must be 4 or 8 (QLoRA), or 16/32 (no quantisation), got {self.bits}")
+        compat.adopt_renamed_training_args(self)
         super().__post_init__()
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from adsc_patch import ScheduleError, kept_tokens, vision_schedule
+from adsc_patch import ScheduleError, compat, kept_tokens, vision_schedule
 from adsc_patch.solve import default_prune_layers_for
 from adsc_patch.methods import is_pre_llm
 from llava.cli import InputError, run_command
@@ -202,10 +202,11 @@ def _set_trainable(model, adsc: AdscArguments, model_args: ModelArguments, train
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if training_args.bits in (4, 8):  # QLoRA: norms and the unquantised modules in fp32, LM frozen
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=training_args.gradient_checkpointing,
-                gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
-            )
+            with compat.peft_without_alias_warnings():
+                model = prepare_model_for_kbit_training(
+                    model, use_gradient_checkpointing=training_args.activation_checkpointing,
+                    gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs,
+                )
 
         lora = LoraConfig(
             r=training_args.lora_r,
@@ -216,7 +217,8 @@ def _set_trainable(model, adsc: AdscArguments, model_args: ModelArguments, train
             modules_to_save=None if training_args.freeze_mm_mlp_adapter else ["mm_projector"],
             task_type="CAUSAL_LM",
         )
-        peft_model = get_peft_model(model, lora)
+        with compat.peft_without_alias_warnings():
+            peft_model = get_peft_model(model, lora)
         peft_model.print_trainable_parameters()
         return peft_model, "lora"
     model.model.requires_grad_(not model_args.freeze_backbone)
@@ -279,8 +281,8 @@ def run_training(argv=None, attn_implementation: str | None = None) -> TrainingR
     _check_flags(model_args, data_args, training_args, adsc)
     attention = resolve_attention(model_args.attn_implementation, attn_implementation or "sdpa",
                                   cuda=torch.cuda.is_available() and not training_args.use_cpu)
-    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.activation_checkpointing and training_args.activation_checkpointing_kwargs is None:
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
 
     # Before any weight is made: LoRA adapters (and a fresh projector) are initialised from
     # the global RNG, which torch seeds at random in every process; the Trainer seeds only later.

@@ -256,7 +256,8 @@ def _lora_grads(deep, images, checkpointing):
     model.configure_pruning(prune_layers=[2, 5], drop_ratio=0.5)
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj", init_lora_weights=False)
-    peft_model = get_peft_model(model, lora)
+    with compat.peft_without_alias_warnings():
+        peft_model = get_peft_model(model, lora)
     model.model.mm_projector.requires_grad_(True)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

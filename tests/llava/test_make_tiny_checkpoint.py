@@ -34,3 +34,13 @@ def test_cli_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "x" / "file").write_text("keep me")
     with pytest.raises(SystemExit):
         tool.main(["--out", str(tmp_path / "x")])
+
+
+def test_make_tiny_benchmarks_says_what_it_wrote_and_how_to_use_it(tmp_path, capsys):
+    from llava.tools import make_tiny_benchmarks
+
+    make_tiny_benchmarks.main(["--out", str(tmp_path), "--per-benchmark", "2"])
+    said = capsys.readouterr().out.strip()
+    assert said == (f"wrote 2 questions each of gqa, mme, pope, scienceqa, textvqa, vqav2 (upstream's layout) under "
+                    f"{tmp_path}; point the eval scripts at it with EVAL_DIR={tmp_path}")
+    assert sorted(os.listdir(tmp_path)) == ["MME", "gqa", "pope", "scienceqa", "textvqa", "vqav2"]

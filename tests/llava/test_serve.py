@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adsc_patch import ScheduleError
+from adsc_patch import ScheduleError, compat
+from adsc_patch.cache import cache_nbytes
 from adsc_patch.profile import ModelShape, Workload, model_cost
 from llava.cli import InputError, run_command
 from llava.constants import IGNORE_INDEX
@@ -91,6 +92,13 @@ def test_reply_equals_uncached_greedy_decoding_and_metrics_match_the_profile(eng
     assert m.kv_mb * 1e6 == cost.kv_peak_bytes  # read off the call's cache = the profile's count
     assert m.mean_vision_tokens == pytest.approx(cost.mean_vision_tokens)
     assert m.tflops * 1e12 == pytest.approx(cost.flops_total)
+    # the prompt's prefill apart from the answer: the cache of a prefill alone, run here
+    ids, pixels, _ = engine.encode(image, [], "What is in the grid?", 1)
+    with torch.no_grad(), engine.model.pruned_as(setting):
+        prefill_cache = compat.output_cache(engine.model(input_ids=ids, images=pixels, use_cache=True))
+    assert m.prefill_kv_mb * 1e6 == cache_nbytes(prefill_cache) == cost.kv_bytes_after_prefill
+    assert m.answer_gflops * 1e9 == pytest.approx(cost.decode_flops)
+    assert (m.prefill_gflops + m.answer_gflops) * 1e9 == pytest.approx(cost.flops_total)
     assert m.ttft_ms > 0 and m.new_tokens == NEW and m.method == (method or "full")
     assert (reply.trace is None) == (name == "full")
 
@@ -186,8 +194,11 @@ def test_cli_chats_over_piped_input_with_a_metrics_line_per_reply(tiny_deep_dir,
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert out.count("USER: ") == 3 and out.count("ASSISTANT: ") == 2
-    metrics = [line for line in out.splitlines() if line.startswith("[adsc @ 12: TTFT")]
-    assert len(metrics) == 2 and all("vision tokens/layer" in m and "KV" in m for m in metrics)
+    layers = ", ".join(map(str, engine.model.prune_layers_for("adsc")))
+    prefill = [line for line in out.splitlines() if line.startswith(f"[adsc @ 12 · layers {layers} — prefill of ")]
+    answer = [line for line in out.splitlines() if line.startswith("[answer: 4 tokens")]
+    assert len(prefill) == 2 and all("vision tokens/layer" in m and "KV" in m and "TTFT" in m for m in prefill)
+    assert len(answer) == 2 and all("KV after it" in m for m in answer)
     first = engine.answer(open_image(image_path), [], "What is in the grid?", engine.setting("adsc", 12.0),
                           max_new_tokens=4)
     assert f"ASSISTANT: {first.text}\n" in out

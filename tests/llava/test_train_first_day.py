@@ -88,6 +88,8 @@ def _trained(run, steps=2):
 def test_upstream_train_py_runs_as_a_script_with_upstream_flags(entry_runs):
     summary, log = _trained(entry_runs["train"])
     assert summary["curriculum"] == [] and "no curriculum: training on all vision tokens" in log
+    # upstream's --gradient_checkpointing and a LoRA set up through peft: no deprecation noise
+    assert "FutureWarning" not in log and "is deprecated" not in log
     assert json.loads((entry_runs["train"][3] / "config.json").read_text())["prune_layers"] == []
 
 
@@ -95,6 +97,18 @@ def test_train_mem_py_falls_back_to_sdpa_without_flash_attn(entry_runs):
     summary, log = _trained(entry_runs["train_mem"])
     assert "attention: sdpa (flash_attention_2 needs the flash-attn package)" in log
     assert len(summary["curriculum"]) == 3 and summary["target_budget"] == 12
+
+
+def test_upstreams_gradient_checkpointing_flag_is_taken_under_transformers_new_name_without_a_warning(tmp_path):
+    import warnings
+
+    from llava.train.train import parse_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, _, training, _ = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--use_cpu",
+                                        "True", "--gradient_checkpointing", "True", "--report_to", "none"])
+    assert training.activation_checkpointing is True and training.gradient_checkpointing is True
 
 
 def test_bad_input_ends_the_command_with_one_error_line_and_exit_code_2(entry_runs):

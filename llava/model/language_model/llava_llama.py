@@ -50,7 +50,8 @@ from adsc_patch.fastv import DEFAULT_FASTV_LAYER, check_prune_layers
 from adsc_patch.methods import is_pre_llm
 from adsc_patch.tower import layers_run
 from adsc_patch.prellm import PreLlmPlan, pre_llm_schedule, pre_llm_trace, reduce_images
-from adsc_patch.solve import MethodSchedule, solve_method
+from adsc_patch.solve import (MethodSchedule, default_prune_layers_for, reachable_budget_range,
+                              recorded_prune_layers_for, solve_method)
 from adsc_patch.schedule import kept_tokens, validate_drop_ratio
 from adsc_patch.scores import answer_query_mask
 from adsc_patch.select import SELECTIONS
@@ -239,6 +240,9 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         self.model = LlavaLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The schedule the loaded checkpoint records (see ``recorded_pruning``); ``None`` until
+        # ``from_pretrained`` reads one, and never changed by ``configure_pruning``.
+        self.recorded_pruning: PruningSetting | None = None
         self.post_init()
 
     # ------------------------------------------------------------------ loading
@@ -285,6 +289,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         tower = model.get_vision_tower()
         if tower is not None and tower_missing:
             tower.load_pretrained_weights()
+        recorded = PruningSetting.of_config(model.config)
+        model.recorded_pruning = recorded if recorded.enabled else None
         return (model, info) if want_info else model
 
     def get_model(self) -> LlavaLlamaModel:
@@ -328,7 +334,9 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         does, and logs it. ``prune_layers=[]`` or ``drop_ratio=0`` turns pruning off.
 
         ``method`` (default: the saved ``prune_method``) is one of ``PRUNE_METHODS``; a new
-        method without ``prune_layers`` takes its own default layers, not the saved ones.
+        method without ``prune_layers`` takes the loaded checkpoint's recorded layers where
+        they fit it (``recorded_prune_layers``: FastV the first), else its own default layers,
+        not the saved ones of another method.
         ``fastv`` prunes at one layer ``K`` (default 2, FastV's), so without ``prune_layers``
         a saved multi-layer schedule gives way to ``[2]``; ``pdrop`` takes the default layers
         like ``adsc``; the pre-LLM methods (``tome``, ``visionzip``, ``pool``) take no prune
@@ -347,10 +355,15 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             return self._resolve_pre_llm(method, prune_layers, drop_ratio, vision_token_budget, selection)
         tower = self.get_vision_tower()
         layers = list(self.config.prune_layers if prune_layers is None else prune_layers)
-        if prune_layers is None and layers and method != self.config.prune_method:
-            logger.info("prune method %s replaces %s: its own default layers, not the saved %s",
-                        method, self.config.prune_method, layers)
-            layers = []  # the saved layers were the other method's
+        if prune_layers is None and method != self.config.prune_method:
+            recorded = self.recorded_prune_layers(method)
+            if recorded:
+                logger.info("prune method %s: the checkpoint's layers %s", method, list(recorded))
+                layers = list(recorded)
+            elif layers:
+                logger.info("prune method %s replaces %s: its own default layers, not the saved %s",
+                            method, self.config.prune_method, layers)
+                layers = []  # the saved layers were the other method's
         n_layers = self.config.num_hidden_layers
         n_tokens = tower.num_patches if tower is not None else 1
         asks_pruning = vision_token_budget is not None or (drop_ratio or 0) > 0
@@ -375,6 +388,37 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         setting = PruningSetting(tuple(schedule.prune_layers), schedule.drop_ratio, vision_token_budget,
                                  selection or self.config.prune_selection, method)
         return setting, (schedule if tower is not None else None)
+
+    def recorded_prune_layers(self, method: str) -> tuple[int, ...]:
+        """The loaded checkpoint's recorded prune layers as ``method`` takes them
+        (``solve.recorded_prune_layers_for``); ``()`` when it records none."""
+        recorded = self.recorded_pruning
+        if recorded is None or not recorded.prune_layers:
+            return ()
+        return recorded_prune_layers_for(method, recorded.prune_layers, self.config.num_hidden_layers)
+
+    def prune_layers_for(self, method: str) -> tuple[int, ...]:
+        """The layers ``method`` prunes at on this model when none are given: the config's when it
+        is the configured method, else the checkpoint's recorded layers where they fit it, else
+        the method's defaults (none for the pre-LLM methods)."""
+        if is_pre_llm(method):
+            return ()
+        if method == self.config.prune_method and self.config.prune_layers:
+            return tuple(self.config.prune_layers)
+        return self.recorded_prune_layers(method) or default_prune_layers_for(method, self.config.num_hidden_layers)
+
+    def reachable_budgets(self, method: str, prune_layers=None) -> tuple[int, int]:
+        """``(lowest, highest)`` whole-token budgets ``method`` can reach on this model at
+        ``prune_layers`` (default: ``prune_layers_for(method)``); ``ScheduleError`` for bad layers."""
+        tower = self.get_vision_tower()
+        if tower is None:
+            raise ScheduleError(f"prune method {method} needs a vision tower")
+        layers = self.prune_layers_for(method) if prune_layers is None else tuple(prune_layers)
+        side = tower.num_patches_per_side
+        grid = (side, side) if tower.select_feature == "patch" else (1, tower.num_patches)
+        return reachable_budget_range(method, self.config.num_hidden_layers, grid,
+                                      layers_run(tower.config.num_hidden_layers, tower.select_layer),
+                                      None if is_pre_llm(method) else layers)
 
     def _resolve_pre_llm(self, method, prune_layers, drop_ratio, vision_token_budget, selection):
         if prune_layers:
