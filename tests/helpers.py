@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llava.conversation import conv_templates
@@ -53,3 +55,51 @@ def write_lines(path, lines) -> str:
     with open(path, "w") as f:
         f.writelines(lines)
     return str(path)
+
+
+# ADSC's uniform_2d selection, independent of adsc_patch.select
+
+
+def reference_spread(n, k):
+    return [(2 * i + 1) * n // (2 * k) for i in range(k)]
+
+
+def reference_lattice(h, w, k):
+    rows = min(k, max(1, round(math.sqrt(k * h / w))))
+    per_row = [k // rows] * rows
+    for r in reference_spread(rows, k % rows):
+        per_row[r] += 1
+    return [((r + 0.5) * h / rows, (c + 0.5) * w / n) for r, n in enumerate(per_row) for c in range(n)]
+
+
+def reference_greedy(rows, cols):
+    pairs = sorted(
+        ((ry - cy) ** 2 + (rx - cx) ** 2, i * len(cols) + j, i, j)
+        for i, (ry, rx) in enumerate(rows)
+        for j, (cy, cx) in enumerate(cols)
+    )
+    used_r, used_c, out = set(), set(), []
+    for _, _, i, j in pairs:
+        if i not in used_r and j not in used_c:
+            used_r.add(i)
+            used_c.add(j)
+            out.append((i, j))
+    return out
+
+
+def reference_uniform_2d(h, w, counts):
+    """ADSC's 2-D selection written again from its documented rule (``adsc_patch/select.py``),
+    pure Python: survivors per stage of an ``h x w`` grid keeping ``counts``. Checked against
+    hand-derived sets in tests/adsc_patch/test_select_oracle.py."""
+    centre = [(i + 0.5, j + 0.5) for i in range(h) for j in range(w)]
+    chosen, sets = set(), [None] * len(counts)
+    for stage in range(len(counts) - 1, -1, -1):
+        points = reference_lattice(h, w, counts[stage])
+        have = sorted(chosen)
+        claimed = {p for _, p in reference_greedy([centre[c] for c in have], points)}
+        targets = [pt for p, pt in enumerate(points) if p not in claimed]
+        free = [c for c in range(h * w) if c not in chosen]
+        for _, f in reference_greedy(targets, [centre[c] for c in free]):
+            chosen.add(free[f])
+        sets[stage] = tuple(sorted(chosen))
+    return tuple(sets)

@@ -370,15 +370,26 @@ def test_contextual_tokens_follow_their_targets_raster_order():
 def test_no_contextual_tokens_drops_the_rest():
     features = torch.randn(2, 6, 3)
     scores = torch.rand(2, 6)
-    reduction = visionzip_select(features, scores, torch.randn(2, 6, 4), 2, 0, SPREAD)
+    keys = torch.randn(2, 6, 4)
+    reduction = visionzip_select(features, scores, keys, 2, 0, SPREAD)
     assert reduction.num_tokens == 2
     assert ((reduction.groups >= 0).sum(1) == 2).all() and ((reduction.groups == -1).sum(1) == 4).all()
+    # the two kept are the two highest scores, in raster order, unchanged
+    expected_tokens, expected_groups = slow_visionzip(features, scores, keys, 2, 0)
+    assert torch.equal(reduction.groups, expected_groups)
+    torch.testing.assert_close(reduction.features, expected_tokens, rtol=0, atol=0)
 
 
 def test_half_precision_keeps_dtype():
     features = torch.randn(1, 12, 4, dtype=torch.bfloat16)
-    reduction = visionzip_select(features, torch.rand(1, 12), torch.randn(1, 12, 3), 4, 3, SPREAD)
+    scores, keys = torch.rand(1, 12), torch.randn(1, 12, 3)
+    reduction = visionzip_select(features, scores, keys, 4, 3, SPREAD)
     assert reduction.features.dtype == torch.bfloat16 and reduction.num_tokens == 7
+    # the values too: the slow reference in float32, to bfloat16's precision; dominant rows exact
+    expected_tokens, expected_groups = slow_visionzip(features.float(), scores, keys, 4, 3)
+    assert torch.equal(reduction.groups, expected_groups)
+    assert torch.equal(reduction.features[:, :4].float(), expected_tokens[:, :4])
+    torch.testing.assert_close(reduction.features.float(), expected_tokens, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dominant, contextual", [(6, 1), (-1, 2), (2, -1), (0, 7)])

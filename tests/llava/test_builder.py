@@ -3,11 +3,13 @@
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from adsc_patch import compat
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import process_images
 from llava.model import LlavaConfig, LlavaLlamaForCausalLM
@@ -79,7 +81,8 @@ def _make_lora_output(base_model, out_dir):
     model.load_state_dict(base_model.state_dict())
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",
                       init_lora_weights=False)
-    peft_model = get_peft_model(model, lora)
+    with compat.peft_without_alias_warnings():
+        peft_model = get_peft_model(model, lora)
     with torch.no_grad():
         for param in model.model.mm_projector.parameters():
             param.add_(torch.randn_like(param) * 0.1)
@@ -95,18 +98,46 @@ def test_lora_output_plus_base_equals_the_merged_model(tiny_llava_dir, loaded_ti
     lora_dir = tmp_path / "llava-lora"
     merged = _make_lora_output(base, str(lora_dir))
     assert detect_checkpoint_format(str(lora_dir)) == "lora"
-    tok, model, proc, _ = load_pretrained_model(str(lora_dir), model_base=tiny_llava_dir, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # peft reads a property transformers renamed
+        tok, model, proc, _ = load_pretrained_model(str(lora_dir), model_base=tiny_llava_dir, device="cpu")
     assert not any("lora_" in name for name, _ in model.named_parameters())
     expected = _logits(merged.eval(), tokenizer, processor, random_images)
     torch.testing.assert_close(_logits(model, tok, proc, random_images), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(expected, _logits(base, tokenizer, processor, random_images), atol=1e-3)
 
 
-def test_lora_folder_name_does_not_matter(tiny_llava_dir, loaded_tiny, tmp_path):
+def test_lora_folder_name_does_not_matter(tiny_llava_dir, loaded_tiny, tmp_path, random_images):
+    tokenizer, base, processor, _ = loaded_tiny
     out = tmp_path / "some-run"  # neither "llava" nor "lora" in the name
-    _make_lora_output(loaded_tiny[1], str(out))
-    _, model, _, _ = load_pretrained_model(str(out), model_base=tiny_llava_dir, device="cpu")
+    merged = _make_lora_output(base, str(out))
+    tok, model, proc, _ = load_pretrained_model(str(out), model_base=tiny_llava_dir, device="cpu")
     assert isinstance(model, LlavaLlamaForCausalLM)
+    # The adapter is merged, by the rule written here: W = W_base + (alpha / r) B A, from the files.
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (4, 8)
+    scale = adapter_config["lora_alpha"] / adapter_config["r"]
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    base_weights = load_file(os.path.join(tiny_llava_dir, "model.safetensors"))
+    loaded = model.state_dict()
+    pairs = [k for k in adapter if k.endswith(".lora_A.weight")]
+    assert len(pairs) == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down in every layer
+    for key_a in pairs:
+        name = key_a.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+        a, b = adapter[key_a], adapter[key_a.replace(".lora_A.", ".lora_B.")]
+        delta = scale * b @ a
+        assert delta.abs().max() > 1e-3, name  # a real change, so that ignoring it shows
+        torch.testing.assert_close(loaded[name], base_weights[name] + delta, atol=1e-6, rtol=1e-5)
+    projector = torch.load(out / "non_lora_trainables.bin", weights_only=True)
+    for key, value in projector.items():
+        torch.testing.assert_close(loaded[key.removeprefix("base_model.model.")], value, rtol=0, atol=0)
+    # ... and it shows in the outputs: the merged model's logits, text-only logits unlike the base's
+    expected = _logits(merged.eval(), tokenizer, processor, random_images)
+    torch.testing.assert_close(_logits(model, tok, proc, random_images), expected, atol=1e-5, rtol=1e-5)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])  # no image: only the language model (the adapter's part)
+    with torch.no_grad():
+        same = torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-3)
+        assert not same, "text-only logits equal the base's: the LoRA adapter was not applied"
 
 
 def test_projector_only_output_plus_base(tiny_llava_dir, loaded_tiny, tmp_path, random_images):

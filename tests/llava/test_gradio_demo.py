@@ -110,7 +110,7 @@ def test_compare_endpoint_answers_both_sides_with_their_metrics(served, files):
 
 
 def test_compare_refuses_bad_input_with_one_line_and_keeps_serving(served, files):
-    url, _ = served
+    url, engine = served
     client = Client(url, verbose=False)
     cases = [(files / "notes.png", "adsc", 12, "not a readable image: notes.png"),
              (files / "huge.png", "adsc", 12, "80 x 80 pixels is over the limit of 4,000 pixels"),
@@ -125,7 +125,9 @@ def test_compare_refuses_bad_input_with_one_line_and_keeps_serving(served, files
         client.predict(None, "What?", "adsc", 12, api_name="/compare")  # an empty upload
     full, comp, metrics = client.predict(handle_file(str(files / "grid.png")), "What?", "fastv", 12,
                                          api_name="/compare")
-    assert metrics["compressed"]["method"] == "fastv" and full and comp is not None
+    assert metrics["compressed"]["method"] == "fastv"
+    assert full == _reference(engine, files / "grid.png", "What?", None, None).text
+    assert comp == _reference(engine, files / "grid.png", "What?", "fastv", 12).text  # itself checked in test_serve
 
 
 def test_two_concurrent_requests_with_different_budgets_each_get_their_own_schedule(served, files):

@@ -130,6 +130,21 @@ def _greedy_without_cache(model, ids, pixels, steps):
     return tokens
 
 
+def _assert_steps_equal_uncached(model, seq, pixels, tokens, step_logits, atol=1e-4):
+    """Each generated step's logits equal one uncached forward over ``seq`` + the tokens before
+    it (the model's own forward on the whole sequence: no cache, no decode path)."""
+    assert len(step_logits) == len(tokens)
+    for step, logits in enumerate(step_logits):
+        current = torch.cat([seq, torch.tensor(tokens[:step], dtype=torch.long, device=seq.device)])[None]
+        with torch.no_grad():
+            expected = model(input_ids=current, images=pixels, use_cache=False).logits[0, -1]
+        torch.testing.assert_close(logits.float(), expected.float(), atol=atol, rtol=atol,
+                                   msg=lambda m: f"step {step}: {m}")
+
+
+GREEDY = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
 @pytest.mark.parametrize("selection", ["uniform_2d", "uniform_1d"])
 def test_cached_generation_equals_recomputing_the_pruned_forward(deep, random_images, selection):
     tokenizer, model, processor = deep
@@ -138,34 +153,37 @@ def test_cached_generation_equals_recomputing_the_pruned_forward(deep, random_im
         pixels = process_images(random_images[:1], processor, model.config)
         seq = prompt_ids(tokenizer, QUESTIONS[2])
         with torch.no_grad():
-            cached = model.generate(seq[None], images=pixels, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+            out = model.generate(seq[None], images=pixels, **GREEDY)
             uncached = _greedy_without_cache(model, seq, pixels, 8)
-        assert cached[0].tolist() == uncached
+        assert out.sequences[0].tolist() == uncached
+        _assert_steps_equal_uncached(model, seq, pixels, uncached, [step[0] for step in out.logits])
     finally:
         model.configure_pruning(prune_layers=[], drop_ratio=0.0, selection="uniform_2d")
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_batch_generates_what_each_prompt_generates_alone(deep, random_images, impl):
+    """Every row of a left-padded batch, step by step, against its own prompt's uncached forward."""
     tokenizer, model, processor = deep
     model = copy.deepcopy(model)
     model.config._attn_implementation = impl
     model.configure_pruning(prune_layers=[2, 5], drop_ratio=0.6)
     seqs, ids, mask, pixels = _batch(tokenizer, model, processor, random_images, side="left")
-    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
     with torch.no_grad():
-        batched = model.generate(ids, images=pixels, attention_mask=mask, **kwargs)
-        alone = [
-            model.generate(seqs[0][None], images=pixels[0:1], **kwargs),
-            model.generate(seqs[1][None], images=pixels[1:2], **kwargs),
-            model.generate(seqs[2][None], **kwargs),
-        ]
+        batched = model.generate(ids, images=pixels, attention_mask=mask, **GREEDY)
+    pixel_of_row = [pixels[0:1], pixels[1:2], None]
     for row in range(3):
-        assert batched[row].tolist() == alone[row][0].tolist()
+        tokens = batched.sequences[row].tolist()
+        _assert_steps_equal_uncached(model, seqs[row], pixel_of_row[row], tokens,
+                                     [step[row] for step in batched.logits])
 
 
 def test_backends_agree_on_generated_tokens(deep, random_images):
+    """eager and SDPA each, step by step, against the uncached eager forward of each prompt."""
     tokenizer, model, processor = deep
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "eager"
+    reference.configure_pruning(prune_layers=[2, 5], drop_ratio=0.5)
     outputs = []
     for impl in ("eager", "sdpa"):
         m = copy.deepcopy(model)
@@ -173,25 +191,33 @@ def test_backends_agree_on_generated_tokens(deep, random_images):
         m.configure_pruning(prune_layers=[2, 5], drop_ratio=0.5)
         seqs, ids, mask, pixels = _batch(tokenizer, m, processor, random_images)
         with torch.no_grad():
-            outputs.append(m.generate(ids, images=pixels, attention_mask=mask, max_new_tokens=8, do_sample=False))
+            out = m.generate(ids, images=pixels, attention_mask=mask, **GREEDY)
+        pixel_of_row = [pixels[0:1], pixels[1:2], None]
+        for row in range(3):
+            _assert_steps_equal_uncached(reference, seqs[row], pixel_of_row[row], out.sequences[row].tolist(),
+                                         [step[row] for step in out.logits])
+        outputs.append(out.sequences)
     assert torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash_attention_2 needs CUDA and flash-attn")
 def test_flash_attention_2_generates_the_same_tokens(deep, random_images):
+    """FlashAttention-2 step logits against the uncached SDPA forward of each prompt (bf16 tolerance)."""
     pytest.importorskip("flash_attn")
     tokenizer, model, processor = deep
-    results = []
-    for impl in ("sdpa", "flash_attention_2"):
-        m = copy.deepcopy(model).to("cuda", torch.bfloat16)
-        m.config._attn_implementation = impl
-        m.configure_pruning(prune_layers=[2, 5], drop_ratio=0.5)
-        seqs, ids, mask, pixels = _batch(tokenizer, m, processor, random_images)
-        with torch.no_grad():
-            results.append(
-                m.generate(ids.cuda(), images=pixels.cuda(), attention_mask=mask.cuda(), max_new_tokens=8, do_sample=False)
-            )
-    assert torch.equal(results[0], results[1])
+    reference = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    reference.config._attn_implementation = "sdpa"
+    reference.configure_pruning(prune_layers=[2, 5], drop_ratio=0.5)
+    m = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    m.config._attn_implementation = "flash_attention_2"
+    m.configure_pruning(prune_layers=[2, 5], drop_ratio=0.5)
+    seqs, ids, mask, pixels = _batch(tokenizer, m, processor, random_images)
+    with torch.no_grad():
+        out = m.generate(ids.cuda(), images=pixels.cuda(), attention_mask=mask.cuda(), **GREEDY)
+    pixel_of_row = [pixels[0:1].cuda(), pixels[1:2].cuda(), None]
+    for row in range(3):
+        _assert_steps_equal_uncached(reference, seqs[row].cuda(), pixel_of_row[row], out.sequences[row].tolist(),
+                                     [step[row].float() for step in out.logits], atol=5e-2)
 
 
 def test_cache_after_prefill_follows_the_schedule(deep, random_images):

@@ -1,6 +1,7 @@
 """Training: the shell recipe on CPU, curriculum phases, resume, what changes, data and bad inputs."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -88,6 +89,28 @@ def test_output_loads_and_generates_with_the_trained_schedule(script_run, tiny_d
                                    max_new_tokens=4, do_sample=False)
     assert generated.shape[1] >= 1
     assert [len(stage[0]) for stage in model.pruning_trace.kept_vision_positions] == [36, 15, 6]
+    prompt = prompt_ids(tokenizer, "What color is the shape?")
+    assert generated[0].tolist() == _uncached_greedy(model, prompt, pixels, generated.shape[1])
+    _assert_adapter_changed_the_language_model(model, tiny_deep_dir)
+
+
+def _uncached_greedy(model, prompt, pixels, steps):
+    """Greedy tokens by hand: each the argmax of one uncached forward over prompt + tokens so far."""
+    tokens = []
+    for _ in range(steps):
+        sequence = torch.cat([prompt, torch.tensor(tokens, dtype=torch.long)])[None]
+        with torch.no_grad():
+            tokens.append(int(model(input_ids=sequence, images=pixels, use_cache=False).logits[0, -1].argmax()))
+    return tokens
+
+
+def _assert_adapter_changed_the_language_model(model, base_dir):
+    """Text-only logits (no projector involved) differ from the base's: the LoRA was merged."""
+    _, base, _, _ = load_pretrained_model(base_dir, device="cpu")
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        same = torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4)
+        assert not same, "text-only logits equal the base's: the LoRA adapter was not applied"
 
 
 def test_resumed_run_continues_in_the_right_phase(script_run, tmp_path, tiny_deep_dir, tiny_data):
@@ -359,6 +382,7 @@ def test_a_baseline_fine_tunes_through_the_recipe_with_the_same_curriculum(tmp_p
     assert [p[:3] for p in phases] == [("0", "1", "0.8"), ("2", "2", "0.9"), ("4", "3", "1")]
     losses = json.loads((tmp_path / "adsc_training.json").read_text())["train_loss"]
     assert len(losses) == 6 and all(loss == loss for loss in losses)  # finite: the pruned loss trains
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses)  # no inf either; cross-entropy is > 0
     _, model, _, _ = load_pretrained_model(str(tmp_path), model_base=tiny_deep_dir, device="cpu")
     assert model.config.prune_method == method
     assert model.vision_schedule().stage_tokens == stages

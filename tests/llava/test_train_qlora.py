@@ -46,10 +46,27 @@ def _answers(out, base, random_images):
     tokenizer, model, processor, _ = load_pretrained_model(str(out), model_base=base, device="cpu")
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # merged on the full-precision base
     pixels = process_images(random_images[:1], processor, model.config)
+    prompt = prompt_ids(tokenizer, "What color is the shape?")
     with torch.no_grad():
-        generated = model.generate(prompt_ids(tokenizer, "What color is the shape?")[None], images=pixels,
+        generated = model.generate(prompt[None], images=pixels,
                                    max_new_tokens=3, do_sample=False, min_new_tokens=3)
     assert generated.shape == (1, 3)
+    # greedy by hand: each token the argmax of one uncached forward over prompt + tokens so far,
+    # end of sequence excluded (min_new_tokens=3)
+    tokens = []
+    with torch.no_grad():
+        for _ in range(3):
+            sequence = torch.cat([prompt, torch.tensor(tokens, dtype=torch.long)])[None]
+            logits = model(input_ids=sequence, images=pixels, use_cache=False).logits[0, -1]
+            logits[tokenizer.eos_token_id] = float("-inf")
+            tokens.append(int(logits.argmax()))
+    assert generated[0].tolist() == tokens
+    # the adapter was merged: text-only logits (no projector involved) differ from the base's
+    _, base_model, _, _ = load_pretrained_model(base, device="cpu")
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        same = torch.allclose(model(input_ids=ids).logits, base_model(input_ids=ids).logits, atol=1e-4)
+        assert not same, "text-only logits equal the base's: the LoRA adapter was not applied"
 
 
 def test_4bit_qlora_trains_and_its_output_loads_on_the_base(tmp_path, tiny_deep_dir, tiny_data, random_images):

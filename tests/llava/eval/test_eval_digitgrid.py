@@ -70,3 +70,42 @@ def test_cli_names_a_bad_input_file_and_writes_nothing(tmp_path):
     with pytest.raises(SystemExit, match=r"error: .*answers.jsonl:6 is not valid JSON"):
         main(["--gt-file", gt, "--result-file", result, "--output-json", str(out)])
     assert not out.exists()
+
+
+def _score_pair(tmp_path, category, truth, answer):
+    """The score of one answer against one ground truth, through the files the scorer reads."""
+    folder = tmp_path / f"pair{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    gt, result = folder / "gt.jsonl", folder / "answers.jsonl"
+    gt.write_text(json.dumps({"question_id": "q", "answer": truth, "category": category}) + "\n")
+    result.write_text(json.dumps({"question_id": "q", "prompt": "p", "text": answer}) + "\n")
+    return score_digitgrid(str(gt), str(result))[category]
+
+
+@pytest.mark.parametrize("category", ["read", "count", "exist", "locate"])
+@pytest.mark.parametrize("truth, answer, right", [
+    ("7", "7.", True),  # the documented final period is dropped from the answer...
+    ("7.", "7", True),  # ... and from the ground truth
+    ("7", " 7. ", True),  # trimmed first, then the period
+    ("Yes", "yes.", True),  # case-insensitive as well
+    ("7", "7", True),
+    ("7", "1.", False),  # dropping the period never makes a wrong answer right
+    ("7", "7.0", False),  # only a final period goes, not one inside the answer
+    ("7", ".7", False),
+    ("7", "7,", False),  # nor other punctuation
+    ("Yes", "No.", False),
+])
+def test_a_final_period_is_dropped_from_short_answers_and_nothing_else(tmp_path, category, truth, answer, right):
+    assert _score_pair(tmp_path, category, truth, answer) == {"accuracy": float(right), "n": 1}
+
+
+def test_a_final_period_is_dropped_from_a_transcription(tmp_path):
+    truth = "5 _ 3 8 ; 1 _ _ 2 ; 0 9 _ 4 ; 7 7 _ 6"
+    assert _score_pair(tmp_path, "transcribe", truth, truth + ".") == {"cell_accuracy": 1.0, "exact_match": 1.0, "n": 1}
+    assert _score_pair(tmp_path, "transcribe", truth, truth[:-1] + "6.") == {
+        "cell_accuracy": 1.0, "exact_match": 1.0, "n": 1}
+    # the last cell "6.5" is no cell at all: wrong, the 15 others right
+    assert _score_pair(tmp_path, "transcribe", truth, truth[:-1] + "6.5") == {
+        "cell_accuracy": 15 / 16, "exact_match": 0.0, "n": 1}
+    assert _score_pair(tmp_path, "transcribe", truth, truth[:-1] + "5.") == {
+        "cell_accuracy": 15 / 16, "exact_match": 0.0, "n": 1}

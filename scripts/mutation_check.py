@@ -1,0 +1,246 @@
+"""Deliberate bugs, one at a time, against the tests that must catch them.
+
+``python scripts/mutation_check.py [--only NAME ...] [--list] [--report FILE]``
+
+Each mutation in ``MUTATIONS`` is one exact text replacement in one source file (the old
+text must occur exactly once) and the tests expected to fail under it. The check copies the
+tracked files to a scratch folder once, then for each mutation edits the copy, runs its
+tests there (``PYTHONPATH`` pointing at the copy, offline, one thread per process) and puts
+the file back. A mutation *survives* when its tests all pass: the suite has a hole. The
+report is a Markdown table; the exit code is 1 when any mutation survives or no longer
+applies (the code changed under it: update its text).
+
+Not part of CI's run (23 bugs, about two minutes on two cores); ``tests/test_mutation_check.py``
+checks on every run that each mutation still applies and names existing tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One deliberate bug: ``old`` -> ``new`` in ``path`` (relative to the repository),
+    expected to fail at least one of ``tests`` (pytest node ids or files)."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    bug: str
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # ---- ADSC's selection and the solver
+    Mutation("select-shift-by-one", "adsc_patch/select.py",
+             "        sets[stage] = tuple(int(i) for i in np.flatnonzero(chosen))",
+             "        sets[stage] = tuple(min(int(i) + 1, height * width - 1) for i in np.flatnonzero(chosen))",
+             ("tests/adsc_patch/test_select_oracle.py",),
+             "every kept index of the 2-D selection shifted by one"),
+    Mutation("select-cell-centres-shifted", "adsc_patch/select.py",
+             "    cells = np.stack([ys + 0.5, xs + 0.5], axis=1)",
+             "    cells = np.stack([ys + 0.5, xs + 1.5], axis=1)",
+             ("tests/adsc_patch/test_select_oracle.py",),
+             "the patch centres one column off, so every chosen patch is its neighbour"),
+    Mutation("select-lattice-not-centred", "adsc_patch/select.py",
+             "        y = (r + 0.5) * height / rows\n        points.extend((y, (c + 0.5) * width / n) for c in range(n))",
+             "        y = r * height / rows\n        points.extend((y, c * width / n) for c in range(n))",
+             ("tests/adsc_patch/test_select_oracle.py",),
+             "the 2-D lattice starts at the grid's edge instead of cell-centred"),
+    Mutation("select-columns-not-centred", "adsc_patch/select.py",
+             "(c + 0.5) * width / n",
+             "c * width / n",
+             ("tests/adsc_patch/test_select_oracle.py",),
+             "the lattice's columns alone not centred"),
+    Mutation("spread-not-centred", "adsc_patch/select.py",
+             "    return [(2 * i + 1) * n // (2 * k) for i in range(k)]",
+             "    return [2 * i * n // (2 * k) for i in range(k)]",
+             ("tests/adsc_patch/test_select_oracle.py",),
+             "the 1-D selection (and the lattice's row shares) at the start of each bin, not its centre"),
+    Mutation("reachable-range-floor-off-by-one", "adsc_patch/solve.py",
+             "return max(1, math.ceil(lowest - BUDGET_SLACK)), num_tokens",
+             "return max(1, math.ceil(lowest - BUDGET_SLACK)) + 1, num_tokens",
+             ("tests/llava/test_recorded_schedule.py",),
+             "the demo's budget slider starts one above the lowest reachable budget"),
+    Mutation("solver-second-closest", "adsc_patch/schedule.py",
+             "index, (q, counts, _) = min(feasible, key=key)",
+             "index, (q, counts, _) = sorted(feasible, key=key)[1]",
+             ("tests/adsc_patch/test_solver_oracle.py",),
+             "the solver returns the second-closest schedule"),
+    Mutation("solver-aims-high", "adsc_patch/schedule.py",
+             "target = Fraction(budget).limit_denominator(10**6)",
+             "target = Fraction(budget).limit_denominator(10**6) + Fraction(3, 4)",
+             ("tests/adsc_patch/test_solver_oracle.py",),
+             "the solver aims 0.75 tokens above the budget"),
+    Mutation("solver-tie-break-flipped", "adsc_patch/schedule.py",
+             "return (abs(average - target), average > target)",
+             "return (abs(average - target), average < target)",
+             ("tests/adsc_patch/test_solver_oracle.py",),
+             "an exact tie goes to the schedule above the budget"),
+    # ---- the pruned decoder's cache and positions
+    Mutation("decode-blind-to-last-prompt-token", "adsc_patch/decoder.py",
+             "        prefill_mask = state.stage_masks[stage]\n",
+             "        prefill_mask = state.stage_masks[stage].clone()\n        prefill_mask[:, -1] = False\n",
+             ("tests/llava/test_llava_adsc.py::test_cached_generation_equals_recomputing_the_pruned_forward",
+              "tests/llava/test_llava_adsc.py::test_batch_generates_what_each_prompt_generates_alone",
+              "tests/adsc_patch/test_patch.py::test_patched_hf_generation_batch_equals_single"),
+             "decode steps do not attend to the last prompt token"),
+    Mutation("decode-positions-plus-one", "adsc_patch/decoder.py",
+             "    positions = position_ids.expand(batch, -1)\n",
+             "    positions = position_ids.expand(batch, -1) + 1\n",
+             ("tests/llava/test_llava_adsc.py::test_cached_generation_equals_recomputing_the_pruned_forward",
+              "tests/adsc_patch/test_patch.py::test_patched_hf_generation_equals_the_uncached_loop_and_caches_the_schedule"),
+             "decode steps one position too far"),
+    Mutation("survivors-renumbered", "adsc_patch/decoder.py",
+             "    renumber = plan.method in RENUMBERS_POSITIONS\n",
+             "    renumber = True\n",
+             ("tests/llava/test_llava_adsc.py::test_pruned_forward_equals_slow_reference",
+              "tests/adsc_patch/test_patch.py::test_patched_hf_logits_equal_a_slow_loop_over_transformers_own_layers"),
+             "ADSC and FastV survivors renumbered contiguously (only PyramidDrop's release does)"),
+    Mutation("pdrop-keeps-original-ids", "adsc_patch/decoder.py",
+             "    renumber = plan.method in RENUMBERS_POSITIONS\n",
+             "    renumber = False\n",
+             ("tests/adsc_patch/test_pdrop.py",),
+             "PyramidDrop's survivors keep their original position ids (its release renumbers them)"),
+    # ---- entry points
+    Mutation("recorded-layers-ignored", "llava/model/language_model/llava_llama.py",
+             "recorded = self.recorded_prune_layers(method)", "recorded = ()",
+             ("tests/llava/test_recorded_schedule.py",),
+             "another method on a fine-tuned checkpoint takes its default layers, not the checkpoint's"),
+    Mutation("prefill-kv-counts-the-answer", "llava/serve/chat.py",
+             "prefill_kv_mb=cache_nbytes(cache, without_last=max(new_tokens - 1, 0)) / 1e6",
+             "prefill_kv_mb=cache_nbytes(cache) / 1e6",
+             ("tests/llava/test_serve.py::test_reply_equals_uncached_greedy_decoding_and_metrics_match_the_profile",),
+             "the demo's prefill KV includes the answer's positions"),
+    # ---- the playground's data and scorer
+    Mutation("eval-grids-from-training-digits", "playground/digitgrid.py",
+             'grid = random_grid(rng, "eval")', 'grid = random_grid(rng, "train")',
+             ("tests/playground/test_digitgrid_written.py",),
+             "evaluation grids drawn from the training digits"),
+    Mutation("training-grids-from-eval-digits", "playground/digitgrid.py",
+             'grid = random_grid(rng, "train")', 'grid = random_grid(rng, "eval")',
+             ("tests/playground/test_digitgrid_written.py",),
+             "training grids drawn from the evaluation digits"),
+    Mutation("count-ignores-a-cell", "playground/digitgrid.py",
+             "count = sum(c == digit for c in grid.cells)", "count = sum(c == digit for c in grid.cells[1:])",
+             ("tests/playground/test_digitgrid_written.py",),
+             "the count answer ignores the first cell"),
+    Mutation("scorer-keeps-final-period", "llava/eval/eval_digitgrid.py",
+             'return text.strip().rstrip(".").strip().lower()', "return text.strip().strip().lower()",
+             ("tests/llava/eval/test_eval_digitgrid.py",),
+             "a short answer's final period is not stripped"),
+    Mutation("scorer-keeps-transcription-period", "llava/eval/eval_digitgrid.py",
+             'rows = [row.split() for row in text.strip().rstrip(".").split(";")]',
+             'rows = [row.split() for row in text.strip().split(";")]',
+             ("tests/llava/eval/test_eval_digitgrid.py",),
+             "a transcription's final period is not stripped"),
+    # ---- loading
+    Mutation("lora-ignored-at-load", "llava/model/builder.py",
+             "return model.merge_and_unload()", "return model.unload()",
+             ("tests/llava/test_builder.py",),
+             "a LoRA output loads as its base (the adapter dropped, not merged)"),
+    # ---- FastV
+    Mutation("fastv-second-to-last-query", "adsc_patch/scores.py",
+             "    return torch.where(slot_mask, arange, -1).max(dim=1).values\n",
+             "    return (torch.where(slot_mask, arange, -1).max(dim=1).values - 1).clamp(min=0)\n",
+             ("tests/adsc_patch/test_fastv.py::test_the_pruned_loop_keeps_the_top_k_of_the_eager_attention",),
+             "FastV ranks with the second-to-last prompt token"),
+    Mutation("fastv-ranks-at-layer-k", "adsc_patch/fastv.py",
+             "    return prune_layer - 1\n",
+             "    return prune_layer\n",
+             ("tests/adsc_patch/test_fastv.py::test_the_pruned_loop_keeps_the_top_k_of_the_eager_attention",),
+             "FastV ranks by layer K's attention instead of layer K-1's"),
+)
+
+
+def _copy_tracked(destination: str) -> None:
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        source = os.path.join(ROOT, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(destination, name)) or destination, exist_ok=True)
+            shutil.copy2(source, os.path.join(destination, name))
+
+
+def check_applies(mutation: Mutation, root: str = ROOT) -> str | None:
+    """``None`` when ``mutation`` applies to the files under ``root``, else why not."""
+    path = os.path.join(root, mutation.path)
+    if not os.path.isfile(path):
+        return f"{mutation.path} does not exist"
+    with open(path, encoding="utf-8") as f:
+        count = f.read().count(mutation.old)
+    if count != 1:
+        return f"its old text occurs {count} times in {mutation.path} (must be once)"
+    for test in mutation.tests:
+        if not os.path.exists(os.path.join(root, test.split("::")[0])):
+            return f"test {test} does not exist"
+    return None
+
+
+def _run(mutation: Mutation, copy: str) -> tuple[str, float, str]:
+    """``(outcome, seconds, last line of pytest)``: outcome caught, survived or stale."""
+    problem = check_applies(mutation, copy)
+    if problem:
+        return "stale", 0.0, problem
+    path = os.path.join(copy, mutation.path)
+    with open(path, encoding="utf-8") as f:
+        original = f.read()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(original.replace(mutation.old, mutation.new))
+    env = dict(os.environ, PYTHONPATH=copy, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests],
+                              cwd=copy, env=env, capture_output=True, text=True)
+    finally:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(original)
+    lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
+    outcome = "survived" if done.returncode == 0 else "caught"
+    return outcome, time.perf_counter() - start, lines[-1] if lines else done.stderr.strip()[-200:]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python scripts/mutation_check.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", default=None, help="mutation names (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--report", default=None, help="also write the Markdown report here")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.only is None or m.name in args.only]
+    if args.only:
+        unknown = set(args.only) - {m.name for m in MUTATIONS}
+        if unknown:
+            parser.error(f"unknown mutations: {', '.join(sorted(unknown))}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.bug} ({m.path}; {', '.join(m.tests)})")
+        return 0
+    rows, bad = [], 0
+    with tempfile.TemporaryDirectory(prefix="mutation-check-") as copy:
+        _copy_tracked(copy)
+        for m in chosen:
+            outcome, seconds, last = _run(m, copy)
+            bad += outcome != "caught"
+            print(f"{outcome:8s} {m.name} ({seconds:.0f} s): {last}", flush=True)
+            rows.append(f"| {m.name} | {m.bug} | {outcome} | {seconds:.0f} | {last} |")
+    report = "\n".join(["| mutation | bug | outcome | s | tests' last line |", "|---|---|---|---|---|", *rows])
+    print(report)
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            f.write(report + "\n")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
