@@ -66,13 +66,23 @@ def _uncached_greedy(model, prompt, pixels, steps):
 FIXED = dict(max_new_tokens=6, min_new_tokens=6)  # no early end: every step is compared
 
 
+def _assert_step_logits(model, prompt, pixels, tokens, step_logits):
+    """Each step's logits against one uncached forward over the prompt and the tokens before it."""
+    for step, logits in enumerate(step_logits):
+        torch.testing.assert_close(logits, _uncached_logits(model, prompt, tokens[:step], pixels), atol=1e-4,
+                                   rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", list(PROMPTS))
 def test_greedy_equals_the_uncached_greedy_loop(pruned, random_images, kind):
     tokenizer, model, processor, _ = pruned
     prompt, pixels = _inputs(tokenizer, model, processor, random_images, kind)
     with torch.no_grad():
-        generated = model.generate(prompt[None], images=pixels, do_sample=False, **FIXED)
-    assert generated[0].tolist() == _uncached_greedy(model, prompt, pixels, FIXED["max_new_tokens"])
+        out = model.generate(prompt[None], images=pixels, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **FIXED)
+    tokens = out.sequences[0].tolist()
+    assert tokens == _uncached_greedy(model, prompt, pixels, FIXED["max_new_tokens"])
+    _assert_step_logits(model, prompt, pixels, tokens, [step[0] for step in out.logits])
 
 
 def test_a_left_padded_batch_equals_the_uncached_loop_of_each_prompt(pruned, random_images):
@@ -82,10 +92,13 @@ def test_a_left_padded_batch_equals_the_uncached_loop_of_each_prompt(pruned, ran
                             model.config)
     ids, mask = pad_batch(prompts, tokenizer.pad_token_id, "left")
     with torch.no_grad():
-        generated = model.generate(ids, images=pixels, attention_mask=mask, do_sample=False, **FIXED)
+        out = model.generate(ids, images=pixels, attention_mask=mask, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **FIXED)
     per_row = [pixels[0:1], pixels[1:2], pixels[2:4]]
     for row, prompt in enumerate(prompts):
-        assert generated[row].tolist() == _uncached_greedy(model, prompt, per_row[row], FIXED["max_new_tokens"])
+        tokens = out.sequences[row].tolist()
+        assert tokens == _uncached_greedy(model, prompt, per_row[row], FIXED["max_new_tokens"])
+        _assert_step_logits(model, prompt, per_row[row], tokens, [step[row] for step in out.logits])
 
 
 @pytest.mark.parametrize("kind", ["image first", "two images"])
