@@ -31,6 +31,7 @@ from .schedule import (
     vision_schedule,
 )
 from .select import keep_sets
+from .spec import PruningSpec
 
 __all__ = [
     "ADSC_TRACE_ATTR",
@@ -41,6 +42,7 @@ __all__ = [
     "VisionReduction",
     "AdscPlan",
     "PrunedDecoderOutput",
+    "PruningSpec",
     "PruningTrace",
     "ScheduleError",
     "VisionSchedule",

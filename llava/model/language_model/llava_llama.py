@@ -54,6 +54,7 @@ from adsc_patch.solve import (MethodSchedule, default_prune_layers_for, reachabl
                               recorded_prune_layers_for, solve_method)
 from adsc_patch.schedule import kept_tokens, validate_drop_ratio
 from adsc_patch.scores import answer_query_mask
+from adsc_patch.spec import PruningSpec
 from adsc_patch.select import SELECTIONS
 
 from ...constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -309,11 +310,26 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         method: str | None = None,
     ):
         """Set the pruning schedule on the config (training, eval and the CLIs); the arguments
-        are ``resolve_pruning``'s. Returns the ``VisionSchedule`` in effect (``None`` without a
-        vision tower); a refused request changes nothing."""
-        setting, schedule = self.resolve_pruning(prune_layers, drop_ratio, vision_token_budget, selection, method)
+        are ``resolve_pruning``'s, or one ``adsc_patch.PruningSpec`` in their place. Returns the
+        ``VisionSchedule`` in effect (``None`` without a vision tower); a refused request
+        changes nothing."""
+        if isinstance(prune_layers, PruningSpec):
+            setting, schedule = self.resolve_spec(prune_layers)
+        else:
+            setting, schedule = self.resolve_pruning(prune_layers, drop_ratio, vision_token_budget, selection, method)
         setting.store(self.config)
         return schedule
+
+    def resolve_spec(self, spec: PruningSpec) -> tuple[PruningSetting, object]:
+        """``resolve_pruning`` of an ``adsc_patch.PruningSpec`` (a ``budget_fraction`` taken of
+        this model's vision tokens per image)."""
+        if spec.options:
+            raise ScheduleError(f"prune method {spec.method} takes no options (got {dict(spec.options)})")
+        tower = self.get_vision_tower()
+        budget = spec.budget_for(tower.num_patches if tower is not None else 1)
+        return self.resolve_pruning(prune_layers=None if spec.layers is None else list(spec.layers),
+                                    drop_ratio=spec.drop_ratio, vision_token_budget=budget,
+                                    selection=spec.selection, method=spec.method)
 
     def resolve_pruning(
         self,
@@ -492,10 +508,12 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         return getattr(self.model, "adsc_trace", None)
 
     @contextmanager
-    def pruned_as(self, setting: PruningSetting | None):
-        """Calls in the block prune as ``setting`` (from ``resolve_pruning``), in this thread or
-        task only, the config untouched; yields a ``CallRecord`` that receives the prefill's
-        trace. ``None``: the config's own setting."""
+    def pruned_as(self, setting: PruningSetting | PruningSpec | None):
+        """Calls in the block prune as ``setting`` (from ``resolve_pruning``, or a
+        ``PruningSpec``), in this thread or task only, the config untouched; yields a
+        ``CallRecord`` that receives the prefill's trace. ``None``: the config's own setting."""
+        if isinstance(setting, PruningSpec):
+            setting = self.resolve_spec(setting)[0]
         with pruning_override(self.config, setting or active_pruning(self.config)) as record:
             yield record
 
@@ -637,14 +655,15 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         images: torch.Tensor | list | None = None,
         image_sizes: list | None = None,
         attention_mask: torch.Tensor | None = None,
-        pruning: PruningSetting | None = None,
+        pruning: PruningSetting | PruningSpec | None = None,
         **kwargs,
     ) -> GenerateOutput | torch.LongTensor:
         """Batched generation; returns only the new tokens (as upstream).
 
         ``inputs``: ``(B, L)`` prompt ids with image markers, left- or right-padded (spliced
         rows are re-padded on the left). ``images``: one tensor ``(n, 3, H, W)`` or a list.
-        ``pruning``: a ``resolve_pruning`` setting for this call only (default: the config's).
+        ``pruning``: a ``resolve_pruning`` setting or a ``PruningSpec`` for this call only
+        (default: the config's).
 
         Generation always runs with a KV cache: transformers generates from
         ``inputs_embeds`` (how images enter) only with one and turns ``use_cache=False``
