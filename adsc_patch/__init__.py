@@ -31,6 +31,7 @@ from .schedule import (
     vision_schedule,
 )
 from .select import keep_sets
+from .session import PruningSession, pruning
 from .spec import PruningSpec
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "VisionReduction",
     "AdscPlan",
     "PrunedDecoderOutput",
+    "PruningSession",
     "PruningSpec",
     "PruningTrace",
     "ScheduleError",
@@ -55,6 +57,7 @@ __all__ = [
     "last_trace",
     "pre_llm_schedule",
     "pruned_decoder_forward",
+    "pruning",
     "reduce_images",
     "remove_adsc",
     "solve_drop_ratio",

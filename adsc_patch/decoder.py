@@ -363,6 +363,7 @@ def pruned_decoder_forward(
     use_cache: bool | None = None,
     vision_mask: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
+    on_trace=None,
     **kwargs,
 ) -> PrunedDecoderOutput:
     """Forward of a Llama-style ``decoder`` that drops vision tokens per ``plan``.
@@ -382,6 +383,8 @@ def pruned_decoder_forward(
         query_mask: ``(B, T)`` bool, the tokens whose attention ranks vision tokens for the
             score-based methods (training: ``scores.answer_query_mask(labels)``); ``None``:
             each row's last real token (the last prompt token at inference).
+        on_trace: called with the ``PruningTrace`` of a prefill (the call's own: a session
+            takes it so, never from the shared module).
 
     Returns:
         ``PrunedDecoderOutput``: hidden states of the last stage's slots (``B, T_out, D``)
@@ -509,6 +512,8 @@ def pruned_decoder_forward(
     decoder.adsc_trace = trace
     if cache is not None:
         setattr(cache, ADSC_TRACE_ATTR, trace)
+    if on_trace is not None:
+        on_trace(trace)
     return PrunedDecoderOutput(
         last_hidden_state=hidden,
         token_positions=slot_index,

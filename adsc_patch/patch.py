@@ -10,30 +10,36 @@ Two kinds of model are handled:
   config.image_token_id`` at prefill; with ``labels`` the loss is computed over the pruned
   sequence exactly as without pruning (every text target once). The outputs are
   transformers' own classes with their own fields only; which input position each logit
-  belongs to is on the trace (``last_trace(model).token_positions``).
+  belongs to is on the trace (``last_trace(model).token_positions``). What one call passes
+  between the patched forwards (the kept slots' positions, for the loss) lives in that
+  call's context, never on a module.
 
 ``remove_adsc`` restores the original behaviour; ``last_trace`` returns the
-``PruningTrace`` of the last pruned prefill.
+``PruningTrace`` of the last pruned prefill. ``adsc_patch.pruning(model, spec)``
+(``session``) prunes one block of calls in one thread or task, on the same forwards.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import types
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import compat
 from .decoder import AdscPlan, PruningTrace, compact_labels, pruned_decoder_forward
-from .methods import IN_LLM_METHODS, PRUNE_METHODS
+from .methods import IN_LLM_METHODS, PRUNE_METHODS, SCORE_LAYER
 from .scores import answer_query_mask
 from .schedule import ScheduleError, VisionSchedule, solve_drop_ratio, vision_schedule
+from .spec import PruningSpec
 
 __all__ = ["apply_adsc", "remove_adsc", "last_trace"]
 
 _PLAN_ATTR = "_adsc_plan"
-_POSITIONS_ATTR = "_adsc_token_positions"
 _IGNORE_INDEX = -100
 
 
@@ -76,11 +82,21 @@ def apply_adsc(
     method: str = "adsc",
 ) -> VisionSchedule:
     """Prune vision tokens at ``prune_layers`` with ``drop_ratio`` (or the ratio meeting
-    ``vision_token_budget`` average tokens) by ``method``. Returns the schedule for one
-    image; a bad request raises ``ScheduleError`` before the model is touched.
+    ``vision_token_budget`` average tokens) by ``method``, until ``remove_adsc``; or by one
+    ``PruningSpec`` given in place of ``prune_layers``. Returns the schedule for one image; a
+    bad request raises ``ScheduleError`` before the model is touched. (For one block of calls
+    in one thread, ``adsc_patch.pruning(model, spec)``.)
 
     llava-hf models take the in-decoder methods (``adsc``, ``fastv``, ``pdrop``); models with
     the config hook take every method."""
+    if isinstance(prune_layers, PruningSpec):
+        spec = prune_layers
+        if hasattr(model, "configure_pruning"):
+            return model.configure_pruning(spec)
+        language_model, plan, schedule = hf_plan(model, spec)
+        setattr(language_model, _PLAN_ATTR, plan)
+        install_forwards(model)
+        return schedule
     if hasattr(model, "configure_pruning"):
         if (drop_ratio is None) == (vision_token_budget is None):
             raise ScheduleError("give exactly one of drop_ratio or vision_token_budget")
@@ -107,11 +123,91 @@ def apply_adsc(
     except ScheduleError as error:
         raise ScheduleError(f"prune method {method}: {error}") from None
     setattr(language_model, _PLAN_ATTR, plan)
+    install_forwards(model)
+    return schedule
+
+
+def hf_plan(model, spec: PruningSpec) -> tuple[object, AdscPlan, VisionSchedule]:
+    """``(language model, plan, per-image schedule)`` of ``spec`` on a llava-hf model; layers
+    ``None`` take the method's own (``solve.default_prune_layers_for``)."""
+    from .solve import default_prune_layers_for
+
+    if spec.method not in IN_LLM_METHODS:
+        raise ScheduleError(f"prune method {spec.method!r}: the llava-hf patch runs the in-decoder methods "
+                            f"({', '.join(IN_LLM_METHODS)})")
+    if spec.options:
+        raise ScheduleError(f"prune method {spec.method} takes no options (got {dict(spec.options)})")
+    _, llava_model, language_model = _hf_parts(model)
+    config = llava_model.config
+    num_tokens, grid = _hf_tokens_per_image(config)
+    num_layers = config.text_config.num_hidden_layers
+    layers = default_prune_layers_for(spec.method, num_layers) if spec.layers is None else spec.layers
+    budget = spec.budget_for(num_tokens)
+    try:
+        if spec.drop_ratio is not None:
+            schedule = vision_schedule(num_layers, num_tokens, layers, spec.drop_ratio)
+        else:
+            schedule = solve_drop_ratio(num_layers, num_tokens, layers, budget)
+        plan = AdscPlan(schedule.prune_layers, schedule.drop_ratio, spec.selection, num_tokens, grid, spec.method)
+    except ScheduleError as error:
+        raise ScheduleError(f"prune method {spec.method}: {error}") from None
+    return language_model, plan, schedule
+
+
+def install_forwards(model) -> None:
+    """The patch's forwards on this instance (idempotent); they prune by the active session's
+    plan, else by ``apply_adsc``'s, else call transformers' own."""
+    top, llava_model, language_model = _hf_parts(model)
     _install(language_model, _language_model_forward)
     _install(llava_model, _llava_model_forward)
     if top is not None:
         _install(top, _top_forward)
-    return schedule
+
+
+def uninstall_forwards(model) -> None:
+    top, llava_model, language_model = _hf_parts(model)
+    for module in (top, llava_model, language_model):
+        if module is not None and "forward" in vars(module):
+            del module.forward
+
+
+def has_persistent_plan(model) -> bool:
+    """Whether ``apply_adsc`` left a plan on the model (``remove_adsc`` not called since)."""
+    return getattr(_hf_parts(model)[2], _PLAN_ATTR, None) is not None
+
+
+def _active_plan(language_model) -> tuple[AdscPlan | None, object]:
+    """The plan this call prunes by, and the session to hand the trace to (``None``: none)."""
+    from .session import active_session
+
+    session = active_session(language_model)
+    if session is not None:
+        return session.plan, session
+    return getattr(language_model, _PLAN_ATTR, None), None
+
+
+@dataclass
+class _CallState:
+    """What one call of a patched llava-hf model passes from the language model to the top."""
+
+    token_positions: torch.Tensor | None = None
+
+
+_CALL: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar("adsc_hf_call", default=None)
+
+
+@contextmanager
+def _call_state():
+    """The outermost patched forward of a call opens its state; inner ones share it."""
+    outer = _CALL.get()
+    if outer is not None:
+        yield outer
+        return
+    token = _CALL.set(_CallState())
+    try:
+        yield _CALL.get()
+    finally:
+        _CALL.reset(token)
 
 
 def _install(module, forward) -> None:
@@ -130,13 +226,10 @@ def remove_adsc(model) -> None:
     if hasattr(model, "configure_pruning"):
         model.configure_pruning(prune_layers=[], drop_ratio=0.0)
         return
-    top, llava_model, language_model = _hf_parts(model)
-    for module in (top, llava_model, language_model):
-        if module is not None and "forward" in vars(module):
-            del module.forward
-    for attr in (_PLAN_ATTR, _POSITIONS_ATTR):
-        if hasattr(language_model, attr):
-            delattr(language_model, attr)
+    uninstall_forwards(model)
+    language_model = _hf_parts(model)[2]
+    if hasattr(language_model, _PLAN_ATTR):
+        delattr(language_model, _PLAN_ATTR)
 
 
 def last_trace(model) -> PruningTrace | None:
@@ -149,22 +242,29 @@ def last_trace(model) -> PruningTrace | None:
 
 def _language_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                             use_cache=None, adsc_vision_mask=None, adsc_query_mask=None, **kwargs):
-    plan: AdscPlan = getattr(self, _PLAN_ATTR)
+    plan, session = _active_plan(self)
     cache = compat.take_cache(kwargs, where="the language model's forward")
     compat.reject_stray_cache(kwargs, "the language model's forward")
-    if not plan.enabled:
+    if plan is None or not plan.enabled:
         return type(self).forward(
             self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, use_cache=use_cache, **compat.cache_kwargs(cache), **kwargs,
         )
+
+    def hand_on(trace):
+        if session is not None:
+            session.trace = trace
+
     outputs = pruned_decoder_forward(
         self, plan, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, vision_mask=adsc_vision_mask,
-        query_mask=adsc_query_mask, **kwargs,
+        query_mask=adsc_query_mask, on_trace=hand_on, **kwargs,
     )
-    setattr(self, _POSITIONS_ATTR, outputs.token_positions)
+    state = _CALL.get()
+    if state is not None:
+        state.token_positions = outputs.token_positions
     # transformers' LlavaModel builds its own output from every field of this one: only
-    # BaseModelOutputWithPast's fields may be on it (the positions travel on the module).
+    # BaseModelOutputWithPast's fields may be on it (the positions travel on the call's state).
     return BaseModelOutputWithPast(
         last_hidden_state=outputs.last_hidden_state, **compat.output_cache_kwargs(compat.output_cache(outputs))
     )
@@ -184,20 +284,23 @@ def _llava_model_forward(self, input_ids=None, pixel_values=None, attention_mask
         vision_mask = (inputs_embeds == image_embedding).all(-1)
     if vision_mask is not None and not bool(vision_mask.any()):
         vision_mask = None
-    setattr(self.language_model, _POSITIONS_ATTR, None)
-    return type(self).forward(
-        self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-        position_ids=position_ids, inputs_embeds=inputs_embeds, adsc_vision_mask=vision_mask,
-        **compat.cache_kwargs(cache), **kwargs,
-    )
+    with _call_state() as state:
+        state.token_positions = None
+        return type(self).forward(
+            self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, adsc_vision_mask=vision_mask,
+            **compat.cache_kwargs(cache), **kwargs,
+        )
 
 
 def _top_forward(self, *args, labels=None, **kwargs):
-    if labels is not None and getattr(self.model.language_model, _PLAN_ATTR).method != "adsc":
+    plan, _ = _active_plan(self.model.language_model)
+    if labels is not None and plan is not None and plan.method in SCORE_LAYER:
         # score-based methods rank with the token before each answer in training
         kwargs["adsc_query_mask"] = answer_query_mask(labels, _IGNORE_INDEX)
-    outputs = type(self).forward(self, *args, **kwargs)
-    positions = getattr(self.model.language_model, _POSITIONS_ATTR, None)
+    with _call_state() as state:
+        outputs = type(self).forward(self, *args, **kwargs)
+        positions = state.token_positions
     if labels is not None:
         if positions is not None:
             labels = compact_labels(labels, positions, _IGNORE_INDEX)
