@@ -24,15 +24,16 @@ absent for ADSC, derived counts ignored), the playground's run schedules (``meth
 
 from __future__ import annotations
 
+import argparse
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 from .methods import PRUNE_METHODS, is_pre_llm
 from .schedule import ScheduleError
 from .select import SELECTIONS
 
-__all__ = ["PruningSpec"]
+__all__ = ["PruningSpec", "add_spec_flags", "parse_layer_list", "spec_from_flags"]
 
 _UNITS = ("budget", "budget_fraction", "drop_ratio")
 # Fields an answer file's ``pruning`` settings derive from the schedule; not part of a request.
@@ -182,3 +183,66 @@ class PruningSpec:
         elif fields.get("layers") == () and not is_pre_llm(fields["method"]):
             fields["layers"] = None  # saved without layers: the method's own, as the model resolves them
         return cls(**fields)
+
+
+# ---------------------------------------------------------------------- command-line flags
+_FLAGS = ("prune_method", "prune_layers", "vision_token_budget", "budget_fraction", "drop_ratio", "prune_selection")
+
+
+def parse_layer_list(text: str) -> list[int]:
+    """``'1, 4'`` -> ``[1, 4]`` (the ``--prune-layers`` flag; the demo's layers box)."""
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prune-layers takes comma-separated layer indices, got {text!r}") from None
+
+
+def add_spec_flags(parser: argparse.ArgumentParser, title: str = "vision-token pruning") -> None:
+    """The pruning flags every entry point takes: ``--prune-method``, ``--prune-layers``, one of
+    ``--vision-token-budget`` / ``--budget-fraction`` / ``--drop-ratio``, ``--prune-selection``,
+    ``--no-pruning``; ``spec_from_flags`` reads them."""
+    from .methods import PRUNE_METHODS
+
+    group = parser.add_argument_group(title)
+    group.add_argument("--prune-layers", type=parse_layer_list, default=None,
+                       help="comma-separated 0-based decoder layers; tokens drop at the input of each")
+    unit = group.add_mutually_exclusive_group()
+    unit.add_argument("--drop-ratio", type=float, default=None, help="fraction dropped at every prune layer")
+    unit.add_argument("--vision-token-budget", type=float, default=None,
+                      help="average vision tokens over all layers; the drop ratio is solved for it")
+    unit.add_argument("--budget-fraction", type=float, default=None,
+                      help="the budget as a fraction of each image's vision tokens (e.g. 0.333)")
+    group.add_argument("--prune-selection", choices=SELECTIONS, default=None)
+    group.add_argument("--prune-method", choices=PRUNE_METHODS, default=None,
+                       help="adsc (positional), fastv or pdrop (attention-ranked) in the decoder; tome, visionzip or "
+                            "pool before it (docs/methods.md)")
+    group.add_argument("--no-pruning", action="store_true", help="run on all vision tokens")
+
+
+def spec_from_flags(args: argparse.Namespace, saved: PruningSpec) -> PruningSpec | None:
+    """The request the flags make on top of ``saved`` (a checkpoint's own spec); ``None`` when
+    no flag is given (keep ``saved``). A flag replaces its field; a new unit replaces the saved
+    one; a new method without ``--prune-layers`` takes its own layers (the model resolves them,
+    a checkpoint's recorded ones where they fit), and so does a saved spec without layers.
+    ``ScheduleError`` for a combination that cannot be a request."""
+    given = {name: getattr(args, name, None) for name in _FLAGS}
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    if getattr(args, "no_pruning", False):
+        if named:
+            raise ScheduleError(f"--no-pruning runs on all vision tokens and cannot be combined with "
+                                f"{', '.join(named)}")
+        return replace(PruningSpec.off(), method=saved.method)  # the method recorded as it was
+    if not named:
+        return None
+    method = given["prune_method"] or saved.method
+    units = {"budget": given["vision_token_budget"], "budget_fraction": given["budget_fraction"],
+             "drop_ratio": given["drop_ratio"]}
+    if all(value is None for value in units.values()):
+        units = {"budget": saved.budget, "budget_fraction": saved.budget_fraction, "drop_ratio": saved.drop_ratio}
+    layers = given["prune_layers"]
+    if layers is None and method == saved.method and saved.layers:
+        layers = saved.layers
+    if layers is None and units.get("drop_ratio") == 0:
+        layers = ()
+    return replace(saved, method=method, layers=None if layers is None else tuple(layers),
+                   selection=given["prune_selection"] or saved.selection, **units)

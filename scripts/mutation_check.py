@@ -10,7 +10,7 @@ the file back. A mutation *survives* when its tests all pass: the suite has a ho
 report is a Markdown table; the exit code is 1 when any mutation survives or no longer
 applies (the code changed under it: update its text).
 
-Not part of CI's run (23 bugs, about two minutes on two cores); ``tests/test_mutation_check.py``
+Not part of CI's run (25 bugs, about two minutes on two cores); ``tests/test_mutation_check.py``
 checks on every run that each mutation still applies and names existing tests.
 """
 
@@ -123,6 +123,16 @@ MUTATIONS: tuple[Mutation, ...] = (
              "prefill_kv_mb=cache_nbytes(cache) / 1e6",
              ("tests/llava/test_serve.py::test_reply_equals_uncached_greedy_decoding_and_metrics_match_the_profile",),
              "the demo's prefill KV includes the answer's positions"),
+    Mutation("session-ignored", "adsc_patch/patch.py",
+             "    session = active_session(language_model)\n",
+             "    session = None\n",
+             ("tests/adsc_patch/test_session.py",),
+             "a llava-hf call inside pruning(model, spec) does not prune by the session's spec"),
+    Mutation("budget-fraction-of-the-wrong-count", "adsc_patch/spec.py",
+             "            return self.budget_fraction * num_tokens",
+             "            return self.budget_fraction * (num_tokens - 1)",
+             ("tests/adsc_patch/test_spec.py",),
+             "a budget fraction taken of one token fewer than the image has"),
     # ---- the playground's data and scorer
     Mutation("eval-grids-from-training-digits", "playground/digitgrid.py",
              'grid = random_grid(rng, "eval")', 'grid = random_grid(rng, "train")',

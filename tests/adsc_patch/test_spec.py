@@ -133,3 +133,72 @@ def test_generate_with_a_spec_equals_the_uncached_forward_under_that_setting(mod
             torch.testing.assert_close(out.logits[step][0], expected, atol=1e-4, rtol=1e-4)
     finally:
         llava.configure_pruning(prune_layers=[], drop_ratio=0.0)
+
+
+def _flags(*argv):
+    import argparse
+
+    from adsc_patch.spec import add_spec_flags
+
+    parser = argparse.ArgumentParser()
+    add_spec_flags(parser)
+    return parser.parse_args(list(argv))
+
+
+SAVED = PruningSpec("adsc", budget=13.4, layers=(1, 4))  # a fine-tuned checkpoint's own
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ((), None),  # no flag: the checkpoint's own stays
+    (("--vision-token-budget", "40"), PruningSpec("adsc", budget=40, layers=(1, 4))),
+    (("--budget-fraction", "0.25"), PruningSpec("adsc", budget_fraction=0.25, layers=(1, 4))),
+    (("--drop-ratio", "0.5"), PruningSpec("adsc", drop_ratio=0.5, layers=(1, 4))),
+    (("--prune-layers", "2,6"), PruningSpec("adsc", budget=13.4, layers=(2, 6))),  # the saved budget, new layers
+    (("--prune-method", "pdrop"), PruningSpec("pdrop", budget=13.4)),  # its own layers: the model resolves them
+    (("--prune-method", "pool", "--vision-token-budget", "9"), PruningSpec("pool", budget=9)),
+    (("--prune-selection", "random"), PruningSpec("adsc", budget=13.4, layers=(1, 4), selection="random")),
+    (("--no-pruning",), PruningSpec("adsc", drop_ratio=0.0, layers=())),
+])
+def test_flags_make_a_request_on_top_of_the_checkpoints_own(argv, expected):
+    from adsc_patch.spec import spec_from_flags
+
+    assert spec_from_flags(_flags(*argv), SAVED) == expected
+
+
+def test_flags_on_an_unpruned_checkpoint_and_refusals():
+    from adsc_patch.spec import spec_from_flags
+
+    off = PruningSpec.from_config({"prune_layers": [], "drop_ratio": 0.0})
+    assert spec_from_flags(_flags("--vision-token-budget", "12"), off) == PruningSpec("adsc", budget=12)
+    assert spec_from_flags(_flags("--prune-layers", "2,5"), off) == PruningSpec("adsc", drop_ratio=0.0,
+                                                                                layers=(2, 5))
+    pool = PruningSpec("pool", budget=14, layers=())
+    assert spec_from_flags(_flags("--no-pruning"), pool) == PruningSpec("pool", drop_ratio=0.0, layers=())
+    with pytest.raises(ScheduleError, match="--no-pruning runs on all vision tokens and cannot be combined with "
+                                            "--prune-layers, --vision-token-budget"):
+        spec_from_flags(_flags("--no-pruning", "--prune-layers", "1", "--vision-token-budget", "9"), SAVED)
+    with pytest.raises(ScheduleError, match="prune method pool reduces the image's tokens before"):
+        spec_from_flags(_flags("--prune-method", "pool", "--prune-layers", "1"), SAVED)
+    with pytest.raises(SystemExit):  # argparse: one unit only
+        _flags("--vision-token-budget", "9", "--budget-fraction", "0.5")
+
+
+def test_budget_fraction_through_run_llava_is_the_budget_of_the_images_tokens(tiny_deep_dir, tmp_path, caplog):
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from llava.eval import run_llava
+
+    image = tmp_path / "img.png"
+    Image.fromarray((np.random.RandomState(1).rand(48, 48, 3) * 255).astype("uint8")).save(image)
+    common = ["--model-path", tiny_deep_dir, "--image-file", str(image), "--query", "What?", "--max_new_tokens", "2",
+              "--prune-layers", "2,5"]
+    with caplog.at_level(logging.INFO, logger="llava.eval.pruning_args"):
+        by_fraction = run_llava.main([*common, "--budget-fraction", str(1 / 3)])
+        fraction_line = [r.getMessage() for r in caplog.records if "vision tokens (prune method" in r.getMessage()]
+        caplog.clear()
+        by_budget = run_llava.main([*common, "--vision-token-budget", "12"])  # a third of 36 tokens
+        budget_line = [r.getMessage() for r in caplog.records if "vision tokens (prune method" in r.getMessage()]
+    assert by_fraction == by_budget and fraction_line == budget_line and len(fraction_line) == 1
