@@ -103,7 +103,8 @@ def playground_question_hint(model_path: str | None) -> str | None:
     run = os.path.dirname(os.path.dirname(os.path.abspath(model_path)))
     if not os.path.isfile(os.path.join(run, "study_config.json")):
         return None
-    return "e.g. What digit is in row 1, column 2? Answer the question using a single word or phrase."
+    # the playground's main task (playground/digitgrid.py's TRANSCRIBE_PROMPT); its other questions are barely trained
+    return "e.g. Describe the grid. (the model transcribes the 16 cells row by row)"
 
 
 def check_upload_size(path: str, max_bytes: int) -> None:

@@ -438,7 +438,9 @@ def test_a_playground_checkpoint_gets_a_question_hint_of_its_kind(tmp_path, serv
     assert playground_question_hint(str(checkpoint)) is None  # not a playground run: no study_config.json
     (tmp_path / "runs" / "default" / "study_config.json").write_text("{}")
     hint = playground_question_hint(str(checkpoint))
-    assert hint.startswith("e.g. What digit is in row 1, column 2?")
+    from playground.digitgrid import TRANSCRIBE_PROMPT
+
+    assert hint.startswith(f"e.g. {TRANSCRIBE_PROMPT}")  # the playground's main task, the one it is trained on
     _, engine, _ = served_app
     demo = build_demo(engine, "adsc", 12, max_new_tokens=NEW, question_hint=hint, warm_up=False)
     assert _component(demo, "question").placeholder == hint
