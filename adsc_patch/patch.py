@@ -32,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import compat
 from .decoder import AdscPlan, PruningTrace, compact_labels, pruned_decoder_forward
-from .methods import IN_LLM_METHODS, PRUNE_METHODS, SCORE_LAYER
+from .methods import IN_LLM_METHODS, SCORE_LAYER
 from .scores import answer_query_mask
 from .schedule import ScheduleError, VisionSchedule, solve_drop_ratio, vision_schedule
 from .spec import PruningSpec
@@ -65,14 +65,6 @@ def _hf_tokens_per_image(config) -> tuple[int, tuple[int, int] | None]:
     return side * side + 1, None
 
 
-def _resolve_schedule(num_layers, num_tokens, prune_layers, drop_ratio, vision_token_budget) -> VisionSchedule:
-    if (drop_ratio is None) == (vision_token_budget is None):
-        raise ScheduleError("give exactly one of drop_ratio or vision_token_budget")
-    if vision_token_budget is not None:
-        return solve_drop_ratio(num_layers, num_tokens, prune_layers, vision_token_budget)
-    return vision_schedule(num_layers, num_tokens, prune_layers, drop_ratio)
-
-
 def apply_adsc(
     model,
     prune_layers,
@@ -89,15 +81,9 @@ def apply_adsc(
 
     llava-hf models take the in-decoder methods (``adsc``, ``fastv``, ``pdrop``); models with
     the config hook take every method."""
-    if isinstance(prune_layers, PruningSpec):
-        spec = prune_layers
-        if hasattr(model, "configure_pruning"):
-            return model.configure_pruning(spec)
-        language_model, plan, schedule = hf_plan(model, spec)
-        setattr(language_model, _PLAN_ATTR, plan)
-        install_forwards(model)
-        return schedule
     if hasattr(model, "configure_pruning"):
+        if isinstance(prune_layers, PruningSpec):
+            return model.configure_pruning(prune_layers)
         if (drop_ratio is None) == (vision_token_budget is None):
             raise ScheduleError("give exactly one of drop_ratio or vision_token_budget")
         return model.configure_pruning(
@@ -107,21 +93,14 @@ def apply_adsc(
             selection=selection,
             method=method,
         )
-    if method not in IN_LLM_METHODS:
-        known = ", ".join(IN_LLM_METHODS)
-        raise ScheduleError(f"prune method {method!r}: the llava-hf patch runs the in-decoder methods ({known})"
-                            if method in PRUNE_METHODS else f"unknown prune method {method!r}; known: "
-                            f"{', '.join(PRUNE_METHODS)}")
-    top, llava_model, language_model = _hf_parts(model)
-    config = llava_model.config
-    num_tokens, grid = _hf_tokens_per_image(config)
-    try:
-        schedule = _resolve_schedule(
-            config.text_config.num_hidden_layers, num_tokens, prune_layers, drop_ratio, vision_token_budget
-        )
-        plan = AdscPlan(schedule.prune_layers, schedule.drop_ratio, selection, num_tokens, grid, method)
-    except ScheduleError as error:
-        raise ScheduleError(f"prune method {method}: {error}") from None
+    if isinstance(prune_layers, PruningSpec):
+        spec = prune_layers
+    elif not prune_layers and drop_ratio is not None and vision_token_budget is None:
+        spec = PruningSpec.off()  # a ratio at no layer drops nothing
+    else:
+        spec = PruningSpec(method, budget=vision_token_budget, drop_ratio=drop_ratio,
+                           layers=tuple(sorted(prune_layers)), selection=selection)
+    language_model, plan, schedule = hf_plan(model, spec)
     setattr(language_model, _PLAN_ATTR, plan)
     install_forwards(model)
     return schedule

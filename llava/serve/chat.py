@@ -28,7 +28,6 @@ from transformers import TextIteratorStreamer
 
 from adsc_patch import PruningTrace, compat
 from adsc_patch.cache import cache_nbytes
-from adsc_patch.methods import is_pre_llm
 from adsc_patch.profile import ModelShape, Workload, model_cost
 
 from ..cli import InputError
@@ -168,17 +167,14 @@ class ChatEngine:
         they fit); a ``ScheduleError`` names an unreachable budget. The config is not touched."""
         if method in (None, "full"):
             return self.model.resolve_pruning(prune_layers=[], drop_ratio=0.0)[0]
-        if prune_layers is None and not is_pre_llm(method):
-            prune_layers = self.model.prune_layers_for(method)
-        return self.model.resolve_pruning(prune_layers=None if is_pre_llm(method) else list(prune_layers),
+        return self.model.resolve_pruning(prune_layers=None if prune_layers is None else list(prune_layers),
                                           method=method, vision_token_budget=float(budget))[0]
 
     def default_setting(self) -> PruningSetting:
         """The checkpoint's recorded schedule, else ADSC at a third of the vision tokens."""
         recorded = self.model.recorded_pruning
         if recorded is not None and recorded.vision_token_budget is not None:
-            return self.setting(recorded.prune_method, recorded.vision_token_budget,
-                                recorded.prune_layers if not is_pre_llm(recorded.prune_method) else None)
+            return self.setting(recorded.prune_method, recorded.vision_token_budget, recorded.prune_layers)
         if recorded is not None:
             return recorded
         return self.setting("adsc", max(1, round(self.num_patches / 3)))
