@@ -1,24 +1,24 @@
 """ADSC: attention-driven self-compression of vision tokens inside a decoder-only LLM.
 
 The method and its baselines as small pure pieces (``schedule``, ``select``, ``scores``,
-``fastv``, ``pdrop``, ``tome``, ``visionzip``, ``pool``; ``methods`` names them all), the
-pre-LLM door (``prellm``), the pruned decoder loop
+``adsc``, ``fastv``, ``pdrop``, ``tome``, ``visionzip``, ``pool``, each a ``PruneMethod``;
+``methods`` is their registry: ``register_method`` adds one), the pre-LLM door (``prellm``), the pruned decoder loop
 (``decoder``), cache accounting (``cache``), analytic cost (``profile``) and the patch for
 models we did not write (``patch``); transformers' version-dependent names live in
 ``compat`` (checked at import). Nothing here imports ``llava``.
 """
 
-from . import compat
+from . import compat, resolve
 from .decoder import (
-    ADSC_TRACE_ATTR,
     AdscPlan,
     PrunedDecoderOutput,
     PruningTrace,
     compact_labels,
     image_spans,
+    last_prefill_trace,
     pruned_decoder_forward,
 )
-from .methods import IN_LLM_METHODS, PRE_LLM_METHODS, PRUNE_METHODS
+from .methods import IN_LLM_METHODS, PRE_LLM_METHODS, PRUNE_METHODS, PruneMethod, get_method, register_method
 from .patch import apply_adsc, last_trace, remove_adsc
 from .prellm import PreLlmPlan, pre_llm_schedule, reduce_images, solve_pre_llm
 from .reduction import VisionReduction
@@ -35,11 +35,11 @@ from .session import PruningSession, pruning
 from .spec import PruningSpec
 
 __all__ = [
-    "ADSC_TRACE_ATTR",
     "IN_LLM_METHODS",
     "PRE_LLM_METHODS",
     "PRUNE_METHODS",
     "PreLlmPlan",
+    "PruneMethod",
     "VisionReduction",
     "AdscPlan",
     "PrunedDecoderOutput",
@@ -51,14 +51,17 @@ __all__ = [
     "apply_adsc",
     "compact_labels",
     "default_prune_layers",
+    "get_method",
     "image_spans",
     "keep_sets",
     "kept_tokens",
+    "last_prefill_trace",
     "last_trace",
     "pre_llm_schedule",
     "pruned_decoder_forward",
     "pruning",
     "reduce_images",
+    "register_method",
     "remove_adsc",
     "solve_drop_ratio",
     "solve_pre_llm",

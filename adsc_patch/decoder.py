@@ -5,16 +5,16 @@ decoder with ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` and ``config
 Vicuna, Mistral-style models in transformers 5). It runs the layers in *stages*: stage 0 is
 layers ``[0, p1)``, stage ``s`` is ``[p_s, p_{s+1})``; before each stage the vision tokens
 not kept by the schedule are removed from the hidden states, so later layers compute on,
-and cache, fewer tokens. The plan's method decides which survive: ``adsc`` by position (a
-table per image shape), ``fastv`` and ``pdrop`` by one attention row of a query token at the
-layer ``methods.SCORE_LAYER`` names, computed from that layer's own projections; the
-schedule (how many per image and stage), the loop, the cache and the trace are shared.
+and cache, fewer tokens. The plan's method (``methods.get_method``) decides which survive: a positional one by its
+``keep_sets`` (a table per image shape), a score-based one by one attention row of a query
+token at the layer its ``score_layer`` names, computed from that layer's own projections;
+the schedule (how many per image and stage), the loop, the cache and the trace are shared.
 
 Token layout inside a stage (``B`` rows, ``T_s`` slots):
 
 * surviving tokens keep their relative order and their ORIGINAL position ids (RoPE sees
   the positions of the full prompt, so decode steps continue from the full length), except
-  for the methods in ``methods.RENUMBERS_POSITIONS`` (PyramidDrop as released): after every
+  for methods with ``renumbers_positions`` (PyramidDrop as released): after every
   drop a row's survivors are renumbered consecutively from its first position, and a decode
   step's position in a stage is its original one minus the row's tokens dropped before it;
 * after a prune layer only real kept tokens remain (input padding is dropped too); rows
@@ -33,7 +33,9 @@ prompt's group, so the stored masks never need reordering.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -42,11 +44,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from . import compat, fastv
-from .methods import IN_LLM_METHODS, PRE_LLM_METHODS, PRUNE_METHODS, RENUMBERS_POSITIONS, SCORE_LAYER
+from . import compat
+from .methods import PRUNE_METHODS, get_method
 from .scores import last_query_mask, query_attention, top_k_per_image
 from .schedule import ScheduleError, VisionSchedule, vision_schedule
-from .select import SELECTIONS, keep_sets
+from .select import SELECTIONS
 
 __all__ = [
     "AdscPlan",
@@ -55,7 +57,8 @@ __all__ = [
     "PruningTrace",
     "PrefillState",
     "ADSC_STATE_ATTR",
-    "ADSC_TRACE_ATTR",
+    "last_prefill_trace",
+    "record_prefill_trace",
     "image_spans",
     "pruned_decoder_forward",
     "compact_labels",
@@ -64,7 +67,24 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ADSC_STATE_ATTR = "_adsc_prefill_state"
-ADSC_TRACE_ATTR = "_adsc_trace"  # the prefill's PruningTrace on its cache: per request, unlike decoder.adsc_trace
+# (weakref to a decoder, its last prefill's trace) pairs of THIS thread or asyncio task: a
+# context variable, so one request never reads another's trace off the shared module.
+_LAST_TRACES: contextvars.ContextVar[tuple] = contextvars.ContextVar("adsc_last_traces", default=())
+
+
+def record_prefill_trace(decoder, trace: "PruningTrace") -> None:
+    """Make ``trace`` what ``last_prefill_trace(decoder)`` returns in this thread or task."""
+    kept = tuple((ref, old) for ref, old in _LAST_TRACES.get() if ref() is not None and ref() is not decoder)
+    _LAST_TRACES.set((*kept, (weakref.ref(decoder), trace)))
+
+
+def last_prefill_trace(decoder) -> "PruningTrace | None":
+    """The ``PruningTrace`` of ``decoder``'s last pruned prefill run by this thread or asyncio
+    task (``None`` if none): never another request's."""
+    for ref, trace in reversed(_LAST_TRACES.get()):
+        if ref() is decoder:
+            return trace
+    return None
 
 @dataclass(frozen=True)
 class AdscPlan:
@@ -77,9 +97,9 @@ class AdscPlan:
         tokens_per_image: vision tokens produced per image; consecutive vision tokens are
             split into images of this size. ``None``: every run of vision tokens is one image.
         grid: ``(height, width)`` patch grid of one image; ``None``: square if possible.
-        method: one of ``methods.IN_LLM_METHODS``: ``adsc`` (positional, ``selection``),
-            ``fastv`` (exactly one prune layer ``K >= 1``) or ``pdrop``; the score-based two
-            ignore ``selection``.
+        method: a registered in-decoder method (``methods.get_method``): ``adsc``
+            (positional, ``selection``), ``fastv`` (exactly one prune layer ``K >= 1``),
+            ``pdrop``, or one of the user's; the score-based ones ignore ``selection``.
     """
 
     prune_layers: tuple[int, ...] = ()
@@ -92,13 +112,12 @@ class AdscPlan:
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise ScheduleError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
-        if self.method in PRE_LLM_METHODS:
+        rule = get_method(self.method)
+        if not rule.in_decoder:
             raise ScheduleError(f"prune method {self.method} acts on the vision tower's features before the "
                                 "language model, not in the decoder loop")
-        if self.method not in IN_LLM_METHODS:
-            raise ScheduleError(f"unknown prune method {self.method!r}; known: {', '.join(PRUNE_METHODS)}")
-        if self.method == "fastv" and self.prune_layers:
-            fastv.check_prune_layers(self.prune_layers)
+        if self.prune_layers:
+            rule.check_layers(self.prune_layers)
         object.__setattr__(self, "prune_layers", tuple(self.prune_layers))
         if self.grid is not None:
             object.__setattr__(self, "grid", tuple(self.grid))
@@ -106,6 +125,11 @@ class AdscPlan:
     @property
     def enabled(self) -> bool:
         return bool(self.prune_layers) and self.drop_ratio > 0
+
+    @property
+    def rule(self):
+        """The ``PruneMethod`` of ``method``."""
+        return get_method(self.method)
 
     def schedule(self, num_layers: int, num_vision_tokens: int) -> VisionSchedule:
         return vision_schedule(num_layers, num_vision_tokens, self.prune_layers, self.drop_ratio)
@@ -148,7 +172,7 @@ class PrefillState:
     prompt_length: int
     stage_first_layers: tuple[int, ...]
     stage_masks: list[torch.Tensor] = field(default_factory=list)  # (B, T_s) bool per stage
-    renumbered: bool = False  # survivors renumbered after each drop (methods.RENUMBERS_POSITIONS)
+    renumbered: bool = False  # survivors renumbered after each drop (PruneMethod.renumbers_positions)
 
     def position_offsets(self) -> list[torch.Tensor]:
         """Per stage, ``(B, 1)``: what a decode position drops by there (the row's prompt
@@ -215,24 +239,55 @@ def image_spans(vision_mask: torch.Tensor, tokens_per_image: int | None) -> list
 
 
 @lru_cache(maxsize=256)
-def _stage_keep_table(plan: AdscPlan, num_layers: int, num_tokens: int) -> torch.Tensor:
+def _stage_keep_table(plan: AdscPlan, num_layers: int, num_tokens: int,
+                      grid: tuple[int, int] | None) -> torch.Tensor:
     """``(num_prune_layers, N)`` bool: which of an image's tokens survive each prune layer."""
     schedule = plan.schedule(num_layers, num_tokens)
-    sets = keep_sets(num_tokens, schedule.stage_tokens[1:], plan.selection, plan.grid)
+    counts = tuple(schedule.stage_tokens[1:])
+    sets = plan.rule.keep_sets(num_tokens, counts, plan.selection, grid)
+    if [len(kept) for kept in sets] != list(counts):
+        raise ValueError(f"prune method {plan.method}: keep_sets gave {[len(k) for k in sets]} tokens per "
+                         f"stage for {num_tokens}, the schedule asks {list(counts)}")
     table = torch.zeros(len(sets), num_tokens, dtype=torch.bool)
     for stage, kept in enumerate(sets):
         table[stage, list(kept)] = True
     return table
 
 
-def _keep_masks(plan: AdscPlan, num_layers: int, vision_mask: torch.Tensor) -> list[torch.Tensor]:
+ImageSpans = list[list[tuple[int, int, "tuple[int, int] | None"]]]
+
+
+def _image_layout(plan: AdscPlan, vision_mask: torch.Tensor, images: ImageSpans | None) -> ImageSpans:
+    """Per row, ``(start, length, grid)`` of every image: ``images`` as given (each image's own
+    size and grid, checked against the mask), else runs of vision tokens split by the plan's
+    ``tokens_per_image``, each on the plan's ``grid``."""
+    if images is None:
+        return [[(start, length, plan.grid) for start, length in row]
+                for row in image_spans(vision_mask, plan.tokens_per_image)]
+    if len(images) != vision_mask.shape[0]:
+        raise ValueError(f"images: {len(images)} rows of image spans for a batch of {vision_mask.shape[0]}")
+    covered = torch.zeros_like(vision_mask, dtype=torch.bool, device="cpu")
+    out = []
+    for row, row_images in enumerate(images):
+        spans = []
+        for start, length, grid in row_images:
+            grid = tuple(grid) if grid is not None else None
+            if grid is not None and grid[0] * grid[1] != length:
+                raise ValueError(f"row {row}: the image at {start} has {length} tokens, not a {grid[0]}x{grid[1]} grid")
+            covered[row, start:start + length] = True
+            spans.append((int(start), int(length), grid))
+        out.append(spans)
+    if not torch.equal(covered, vision_mask.to("cpu", torch.bool)):
+        raise ValueError("images: the given image spans do not cover exactly the vision tokens of vision_mask")
+    return out
+
+
+def _keep_masks(plan: AdscPlan, num_layers: int, vision_mask: torch.Tensor, layout: ImageSpans) -> list[torch.Tensor]:
     """Per prune layer, a ``(B, T)`` bool mask over the input: text, or vision kept there."""
-    spans = image_spans(vision_mask, plan.tokens_per_image)
     keep = torch.ones((len(plan.prune_layers), *vision_mask.shape), dtype=torch.bool)
-    for row, row_spans in enumerate(spans):
-        for start, length in row_spans:
-            table = _stage_keep_table(plan, num_layers, length)
-            keep[:, row, start : start + length] = table
+    for row, row_images in enumerate(layout):
+        for start, length, grid in row_images:
+            keep[:, row, start : start + length] = _stage_keep_table(plan, num_layers, length, grid)
     return list(keep.to(vision_mask.device).unbind(0))
 
 
@@ -262,6 +317,7 @@ def _scored_keep(plan, num_layers, spans, stage, scores, slot_index, input_lengt
     by_input = torch.full((batch, input_length + 1), float("-inf"), device=scores.device)
     by_input.scatter_(1, slot_index + 1, scores.masked_fill(slot_index < 0, float("-inf")))
     by_input = by_input[:, 1:]
+    spans = [[(start, length) for start, length, _ in row] for row in spans]
     counts = [[plan.schedule(num_layers, length).stage_tokens[stage] for _, length in row] for row in spans]
     keep = top_k_per_image(by_input, spans, counts)
     in_image = torch.zeros_like(keep)
@@ -364,6 +420,7 @@ def pruned_decoder_forward(
     vision_mask: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
     on_trace=None,
+    images: ImageSpans | None = None,
     **kwargs,
 ) -> PrunedDecoderOutput:
     """Forward of a Llama-style ``decoder`` that drops vision tokens per ``plan``.
@@ -385,11 +442,15 @@ def pruned_decoder_forward(
             each row's last real token (the last prompt token at inference).
         on_trace: called with the ``PruningTrace`` of a prefill (the call's own: a session
             takes it so, never from the shared module).
+        images: per row, ``(start, length, grid)`` of each image in this input, for images of
+            different sizes (an adapter's per-call layout); ``None``: runs of vision tokens
+            split by ``plan.tokens_per_image``, each on ``plan.grid``. Each image's counts come
+            from the plan's ratio on its own length.
 
     Returns:
         ``PrunedDecoderOutput``: hidden states of the last stage's slots (``B, T_out, D``)
         and ``token_positions`` mapping them to input positions. The trace of a prefill
-        is stored as ``decoder.adsc_trace`` and, with a cache, on the cache (``ADSC_TRACE_ATTR``).
+        is handed to ``on_trace`` and kept for this thread or task (``last_prefill_trace``).
     """
     _pop_output_flags(kwargs)
     config = decoder.config
@@ -437,19 +498,20 @@ def pruned_decoder_forward(
         if attention_mask is not None
         else torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
     )
-    score_layer = SCORE_LAYER.get(plan.method) if has_vision else None
+    score_layer = plan.rule.score_layer if has_vision and plan.rule.score_based else None
+    layout = _image_layout(plan, vision_mask.bool(), images) if has_vision else None
     if has_vision and score_layer is None:
-        keep_masks = _keep_masks(plan, num_layers, vision_mask.bool())
+        keep_masks = _keep_masks(plan, num_layers, vision_mask.bool(), layout)
     else:
         # positional: nothing to drop without vision; score-based: chosen at each prune layer
         keep_masks = [torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)] * len(plan.prune_layers)
     no_vision = torch.zeros(batch, length, dtype=torch.bool, device=inputs_embeds.device)
     vision = vision_mask.bool() if has_vision else no_vision
-    spans = image_spans(vision, plan.tokens_per_image) if score_layer is not None else None
+    spans = layout if score_layer is not None else None
 
     hidden = inputs_embeds
     positions = position_ids
-    renumber = plan.method in RENUMBERS_POSITIONS
+    renumber = plan.rule.renumbers_positions
     first_position = position_ids.masked_fill(~slot_mask, torch.iinfo(position_ids.dtype).max).amin(1, keepdim=True)
     slot_index = torch.arange(length, device=inputs_embeds.device).expand(batch, -1)
     stage_masks: list[torch.Tensor] = []
@@ -509,9 +571,7 @@ def pruned_decoder_forward(
         padded_length_per_layer=padded_lengths,
         token_positions=slot_index.detach().cpu(),
     )
-    decoder.adsc_trace = trace
-    if cache is not None:
-        setattr(cache, ADSC_TRACE_ATTR, trace)
+    record_prefill_trace(decoder, trace)
     if on_trace is not None:
         on_trace(trace)
     return PrunedDecoderOutput(

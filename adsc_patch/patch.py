@@ -1,13 +1,15 @@
 """``apply_adsc`` / ``remove_adsc``: switch vision-token pruning on models we did not write.
 
-Two kinds of model are handled:
+The model's adapter (``adapters.adapter_for``, by ``config.model_type``) says which of two
+kinds it is:
 
-* models with the ADSC config hook (they define ``configure_pruning``, like
-  ``llava.LlavaLlamaForCausalLM``): the schedule is written to their config;
-* transformers' ``LlavaForConditionalGeneration`` / ``LlavaModel`` (llava-hf checkpoints):
-  the instance's forwards are swapped, weights and classes untouched (output-capture hooks
+* models with the ADSC config hook (``llava.LlavaLlamaForCausalLM``, adapter
+  ``config_hook``): the schedule is written to their config;
+* transformers' architectures (``llava``: ``LlavaForConditionalGeneration`` /
+  ``LlavaModel``, llava-hf checkpoints): the instance's forwards are swapped at the parts
+  the adapter names, weights and classes untouched (output-capture hooks
   registered by class name keep working). Image positions are read from ``input_ids ==
-  config.image_token_id`` at prefill; with ``labels`` the loss is computed over the pruned
+  config.image_token_id`` at prefill (the adapter's ``vision_mask``); with ``labels`` the loss is computed over the pruned
   sequence exactly as without pruning (every text target once). The outputs are
   transformers' own classes with their own fields only; which input position each logit
   belongs to is on the trace (``last_trace(model).token_positions``). What one call passes
@@ -31,8 +33,9 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import compat
-from .decoder import AdscPlan, PruningTrace, compact_labels, pruned_decoder_forward
-from .methods import IN_LLM_METHODS, SCORE_LAYER
+from .adapters import adapter_for
+from .decoder import AdscPlan, PruningTrace, compact_labels, last_prefill_trace, pruned_decoder_forward
+from .methods import IN_LLM_METHODS, get_method
 from .scores import answer_query_mask
 from .schedule import ScheduleError, VisionSchedule, solve_drop_ratio, vision_schedule
 from .spec import PruningSpec
@@ -43,26 +46,10 @@ _PLAN_ATTR = "_adsc_plan"
 _IGNORE_INDEX = -100
 
 
-def _hf_parts(model):
-    """(top model or None, LlavaModel, language model) of a transformers Llava model."""
-    from transformers import LlavaForConditionalGeneration, LlavaModel
-
-    if isinstance(model, LlavaForConditionalGeneration):
-        return model, model.model, model.model.language_model
-    if isinstance(model, LlavaModel):
-        return None, model, model.language_model
-    raise TypeError(
-        f"apply_adsc supports models with a configure_pruning hook and transformers' "
-        f"LlavaForConditionalGeneration/LlavaModel; got {type(model).__name__}"
-    )
-
-
-def _hf_tokens_per_image(config) -> tuple[int, tuple[int, int] | None]:
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
-    if config.vision_feature_select_strategy == "default":
-        return side * side, (side, side)
-    return side * side + 1, None
+def _parts(model):
+    """(top model or None, multimodal model, language model) of a patched architecture."""
+    parts = adapter_for(model).parts(model)
+    return parts.top, parts.multimodal, parts.language_model
 
 
 def apply_adsc(
@@ -81,7 +68,7 @@ def apply_adsc(
 
     llava-hf models take the in-decoder methods (``adsc``, ``fastv``, ``pdrop``); models with
     the config hook take every method."""
-    if hasattr(model, "configure_pruning"):
+    if adapter_for(model).config_hook:
         if isinstance(prune_layers, PruningSpec):
             return model.configure_pruning(prune_layers)
         if (drop_ratio is None) == (vision_token_budget is None):
@@ -108,19 +95,19 @@ def apply_adsc(
 
 def hf_plan(model, spec: PruningSpec) -> tuple[object, AdscPlan, VisionSchedule]:
     """``(language model, plan, per-image schedule)`` of ``spec`` on a llava-hf model; layers
-    ``None`` take the method's own (``solve.default_prune_layers_for``)."""
-    from .solve import default_prune_layers_for
-
-    if spec.method not in IN_LLM_METHODS:
+    ``None`` take the method's own (``PruneMethod.default_layers``)."""
+    rule = get_method(spec.method)
+    if not rule.in_decoder:
         raise ScheduleError(f"prune method {spec.method!r}: the llava-hf patch runs the in-decoder methods "
                             f"({', '.join(IN_LLM_METHODS)})")
     if spec.options:
         raise ScheduleError(f"prune method {spec.method} takes no options (got {dict(spec.options)})")
-    _, llava_model, language_model = _hf_parts(model)
-    config = llava_model.config
-    num_tokens, grid = _hf_tokens_per_image(config)
-    num_layers = config.text_config.num_hidden_layers
-    layers = default_prune_layers_for(spec.method, num_layers) if spec.layers is None else spec.layers
+    adapter = adapter_for(model)
+    language_model = adapter.language_model(model)
+    layout = adapter.image_layout(model)
+    num_tokens, grid = layout.tokens, layout.grid
+    num_layers = adapter.num_layers(model)
+    layers = rule.default_layers(num_layers) if spec.layers is None else spec.layers
     budget = spec.budget_for(num_tokens)
     try:
         if spec.drop_ratio is not None:
@@ -136,7 +123,7 @@ def hf_plan(model, spec: PruningSpec) -> tuple[object, AdscPlan, VisionSchedule]
 def install_forwards(model) -> None:
     """The patch's forwards on this instance (idempotent); they prune by the active session's
     plan, else by ``apply_adsc``'s, else call transformers' own."""
-    top, llava_model, language_model = _hf_parts(model)
+    top, llava_model, language_model = _parts(model)
     _install(language_model, _language_model_forward)
     _install(llava_model, _llava_model_forward)
     if top is not None:
@@ -144,7 +131,7 @@ def install_forwards(model) -> None:
 
 
 def uninstall_forwards(model) -> None:
-    top, llava_model, language_model = _hf_parts(model)
+    top, llava_model, language_model = _parts(model)
     for module in (top, llava_model, language_model):
         if module is not None and "forward" in vars(module):
             del module.forward
@@ -152,7 +139,7 @@ def uninstall_forwards(model) -> None:
 
 def has_persistent_plan(model) -> bool:
     """Whether ``apply_adsc`` left a plan on the model (``remove_adsc`` not called since)."""
-    return getattr(_hf_parts(model)[2], _PLAN_ATTR, None) is not None
+    return getattr(_parts(model)[2], _PLAN_ATTR, None) is not None
 
 
 def _active_plan(language_model) -> tuple[AdscPlan | None, object]:
@@ -202,21 +189,21 @@ def _install(module, forward) -> None:
 
 def remove_adsc(model) -> None:
     """Undo ``apply_adsc``: the model computes on all tokens again."""
-    if hasattr(model, "configure_pruning"):
+    if adapter_for(model).config_hook:
         model.configure_pruning(prune_layers=[], drop_ratio=0.0)
         return
     uninstall_forwards(model)
-    language_model = _hf_parts(model)[2]
+    language_model = _parts(model)[2]
     if hasattr(language_model, _PLAN_ATTR):
         delattr(language_model, _PLAN_ATTR)
 
 
 def last_trace(model) -> PruningTrace | None:
     """The ``PruningTrace`` of the last pruned prefill of ``model`` (``None`` if none ran)."""
-    if hasattr(model, "pruning_trace"):
+    if adapter_for(model).config_hook:
         return model.pruning_trace
-    _, _, language_model = _hf_parts(model)
-    return getattr(language_model, "adsc_trace", None)
+    _, _, language_model = _parts(model)
+    return last_prefill_trace(language_model)
 
 
 def _language_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -253,15 +240,12 @@ def _llava_model_forward(self, input_ids=None, pixel_values=None, attention_mask
                          inputs_embeds=None, **kwargs):
     cache = compat.take_cache(kwargs, where="LlavaModel.forward")
     compat.reject_stray_cache(kwargs, "LlavaModel.forward")
-    vision_mask = None
+    adapter = adapter_for(self)
     if input_ids is not None:
-        vision_mask = input_ids == self.config.image_token_id
+        vision_mask = adapter.vision_mask(self, input_ids=input_ids)
     elif inputs_embeds is not None and (pixel_values is not None or kwargs.get("mm_encoder_outputs") is not None):
-        image_embedding = self.get_input_embeddings()(
-            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
-        )
-        vision_mask = (inputs_embeds == image_embedding).all(-1)
-    if vision_mask is not None and not bool(vision_mask.any()):
+        vision_mask = adapter.vision_mask(self, inputs_embeds=inputs_embeds)
+    else:
         vision_mask = None
     with _call_state() as state:
         state.token_positions = None
@@ -273,8 +257,9 @@ def _llava_model_forward(self, input_ids=None, pixel_values=None, attention_mask
 
 
 def _top_forward(self, *args, labels=None, **kwargs):
-    plan, _ = _active_plan(self.model.language_model)
-    if labels is not None and plan is not None and plan.method in SCORE_LAYER:
+    adapter = adapter_for(self)
+    plan, _ = _active_plan(adapter.language_model(self))
+    if labels is not None and plan is not None and plan.rule.score_based:
         # score-based methods rank with the token before each answer in training
         kwargs["adsc_query_mask"] = answer_query_mask(labels, _IGNORE_INDEX)
     with _call_state() as state:
@@ -285,6 +270,6 @@ def _top_forward(self, *args, labels=None, **kwargs):
             labels = compact_labels(labels, positions, _IGNORE_INDEX)
         loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
         outputs["loss"] = self.loss_function(
-            logits=outputs.logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
+            logits=outputs.logits, labels=labels, vocab_size=adapter.vocab_size(self), **loss_kwargs
         )
     return outputs

@@ -9,7 +9,7 @@ as PyramidDrop ranks with the last instruction token there too.
 
 Positions, as released (``pdrop_forward`` in Cooperx521/PyramidDrop's
 ``llava/model/modeling_llama_pdrop.py``): after every drop the survivors' position ids are
-renumbered ``0..len-1`` (``methods.RENUMBERS_POSITIONS``), so a later stage's RoPE, and so
+renumbered ``0..len-1`` (``PyramidDrop.renumbers_positions``), so a later stage's RoPE, and so
 its ranking, see compacted positions; a decode step's position is shifted down, stage by
 stage, by the tokens dropped before it. The variant ``pdrop_original_ids`` keeps the
 original ids instead (the convention of ``adsc`` and ``fastv``).
@@ -25,7 +25,9 @@ token after layer 24 (576 -> 69 -> 8 -> 1), so 192 is reachable there and 128 an
 
 from __future__ import annotations
 
-__all__ = ["PUBLISHED_KEEP_RATIO", "PUBLISHED_PRUNE_LAYERS", "score_layer"]
+from .method_base import PruneMethod
+
+__all__ = ["PUBLISHED_KEEP_RATIO", "PUBLISHED_PRUNE_LAYERS", "PyramidDrop", "PyramidDropOriginalIds", "score_layer"]
 
 PUBLISHED_PRUNE_LAYERS = (8, 16, 24)  # for LLaVA-1.5's 32 layers
 PUBLISHED_KEEP_RATIO = 0.5  # lambda
@@ -34,3 +36,22 @@ PUBLISHED_KEEP_RATIO = 0.5  # lambda
 def score_layer(prune_layer: int) -> int:
     """The layer whose projections rank the tokens dropped at ``prune_layer``: itself."""
     return prune_layer
+
+
+class PyramidDrop(PruneMethod):
+    """``pdrop`` as released: ranked by each prune layer's own projections, survivors renumbered."""
+
+    name = "pdrop"
+    score_based = True
+    renumbers_positions = True
+
+    def score_layer(self, prune_layer: int) -> int:
+        return score_layer(prune_layer)
+
+
+class PyramidDropOriginalIds(PyramidDrop):
+    """``pdrop_original_ids``: PyramidDrop whose survivors keep their original position ids."""
+
+    name = "pdrop_original_ids"
+    variant_of = "pdrop"
+    renumbers_positions = False

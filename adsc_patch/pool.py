@@ -26,10 +26,12 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
+from .method_base import PruneMethod
 from .reduction import VisionReduction
 from .schedule import ScheduleError
+from .tower import clip_hidden_state
 
-__all__ = ["pool_features", "pool_groups", "pool_shape"]
+__all__ = ["Pool", "pool_features", "pool_groups", "pool_shape"]
 
 
 def _check_grid(grid) -> tuple[int, int]:
@@ -97,3 +99,18 @@ def pool_features(features: torch.Tensor, grid: tuple[int, int], out_shape: tupl
     image = features.float().transpose(1, 2).reshape(n, dim, height, width)
     pooled = F.adaptive_avg_pool2d(image, out_shape).flatten(2).transpose(1, 2).to(features.dtype)
     return VisionReduction(features=pooled, groups=groups.unsqueeze(0).expand(n, -1).clone())
+
+
+class Pool(PruneMethod):
+    """``pool``: the patch grid average-pooled to the bin grid closest to the budget."""
+
+    name = "pool"
+    in_decoder = False
+
+    def tower_setting(self, budget, grid, layers_run):
+        shape = tuple(pool_shape(grid, budget))
+        return shape, shape[0] * shape[1]
+
+    def reduce(self, setting, grid, vision_model, pixel_values, select_layer):
+        hidden = clip_hidden_state(vision_model, pixel_values, select_layer).hidden[:, 1:]
+        return pool_features(hidden, grid, setting)

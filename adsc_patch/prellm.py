@@ -15,13 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .decoder import PruningTrace
-from .pool import pool_features, pool_shape
-from .reduction import PRE_LLM_METHODS, VisionReduction
+from .methods import PRE_LLM_METHODS, get_method
+from .reduction import VisionReduction
 from .schedule import ScheduleError, VisionSchedule
-from .tome import tome_merge_counts, tome_vision_forward
-from .tower import clip_hidden_state
-from .visionzip import RULES as VISIONZIP_RULES
-from .visionzip import visionzip_split, visionzip_vision_forward
 
 __all__ = ["PreLlmPlan", "pre_llm_schedule", "pre_llm_trace", "reduce_images", "solve_pre_llm"]
 
@@ -30,8 +26,9 @@ __all__ = ["PreLlmPlan", "pre_llm_schedule", "pre_llm_trace", "reduce_images", "
 class PreLlmPlan:
     """How one image's ``num_patches`` (a ``grid`` of patches) become ``num_tokens``.
 
-    ``setting``: ``pool`` ``(rows, cols)`` of the pooled grid; ``visionzip`` ``(dominant,
-    contextual)``; ``tome`` the tokens merged in each tower layer that runs.
+    ``setting``: the method's (``PruneMethod.tower_setting``): ``pool`` ``(rows, cols)`` of the
+    pooled grid; ``visionzip`` ``(dominant, contextual)``; ``tome`` the tokens merged in each
+    tower layer that runs.
     """
 
     method: str
@@ -45,19 +42,11 @@ class PreLlmPlan:
 def solve_pre_llm(method: str, budget: float, grid: tuple[int, int], num_layers_run: int) -> PreLlmPlan:
     """The plan meeting ``budget`` tokens per image; infeasible budgets raise ``ScheduleError``
     naming the method, the request and the reachable range."""
-    if method not in PRE_LLM_METHODS:
+    rule = get_method(method)
+    if rule.in_decoder:
         raise ScheduleError(f"{method!r} is not a pre-LLM method ({', '.join(PRE_LLM_METHODS)})")
-    num_patches = grid[0] * grid[1]
-    if method == "pool":
-        setting = tuple(pool_shape(grid, budget))
-        count = setting[0] * setting[1]
-    elif method in VISIONZIP_RULES:
-        setting = tuple(visionzip_split(budget, num_patches))
-        count = sum(setting)
-    else:
-        setting = tuple(tome_merge_counts(num_patches, num_layers_run, budget))
-        count = num_patches - sum(setting)
-    return PreLlmPlan(method, float(budget), num_patches, tuple(grid), count, setting)
+    setting, count = rule.tower_setting(budget, tuple(grid), num_layers_run)
+    return PreLlmPlan(method, float(budget), grid[0] * grid[1], tuple(grid), int(count), tuple(setting))
 
 
 def pre_llm_schedule(plan: PreLlmPlan, num_decoder_layers: int) -> VisionSchedule:
@@ -69,13 +58,7 @@ def pre_llm_schedule(plan: PreLlmPlan, num_decoder_layers: int) -> VisionSchedul
 def reduce_images(plan: PreLlmPlan, vision_model, pixel_values: torch.Tensor, select_layer: int) -> VisionReduction:
     """Run the CLIP ``vision_model`` on ``(n, 3, H, W)`` pixels under ``plan``; the tokens handed on (patch
     features; released VisionZip hands CLS on as its first token)."""
-    if plan.method == "tome":
-        return tome_vision_forward(vision_model, pixel_values, plan.setting, select_layer)
-    if plan.method in VISIONZIP_RULES:
-        return visionzip_vision_forward(vision_model, pixel_values, *plan.setting, select_layer=select_layer,
-                                        rule=VISIONZIP_RULES[plan.method])
-    hidden = clip_hidden_state(vision_model, pixel_values, select_layer).hidden[:, 1:]
-    return pool_features(hidden, plan.grid, plan.setting)
+    return get_method(plan.method).reduce(plan.setting, plan.grid, vision_model, pixel_values, select_layer)
 
 
 def pre_llm_trace(vision_mask: torch.Tensor, attention_mask: torch.Tensor | None, num_layers: int,

@@ -25,13 +25,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-from .methods import SCORE_LAYER
+from .methods import get_method
 from .schedule import VisionSchedule
 
 __all__ = [
     "CLIP_VIT_L_336", "LLAVA_15_7B", "LLAVA_15_13B", "PRESETS", "TABLE_IV_WORKLOAD", "DecoderShape", "GenerationCost",
     "ModelCost", "ModelShape", "ProjectorShape", "VisionTowerShape", "Workload", "generation_cost", "kv_cache_bytes",
-    "layer_flops", "load_shape", "model_cost", "parameter_count", "projector_flops", "scoring_flops",
+    "layer_flops", "load_shape", "model_cost", "schedule_cost", "parameter_count", "projector_flops", "scoring_flops",
     "serving_capacity", "ServingCapacity", "tokens_per_layer", "tower_flops",
 ]
 
@@ -240,8 +240,8 @@ def projector_flops(projector: ProjectorShape, tokens: int) -> int:
 def scoring_flops(shape: DecoderShape, method: str, tokens_at_scoring: Sequence[int]) -> int:
     """Extra FLOPs of the score-based methods: per ranking, the query row's q projection and
     the keys of every token it sees, then one row of ``QK^T`` (FastV, PyramidDrop); zero for
-    the others."""
-    if method not in SCORE_LAYER:
+    the others (and for no method, ``""``)."""
+    if not method or not get_method(method).in_decoder or not get_method(method).score_based:
         return 0
     d, heads, kv_heads, hd = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim
     return sum(2 * d * heads * hd + 2 * n * d * kv_heads * hd + 2 * n * heads * hd for n in tokens_at_scoring)
@@ -268,36 +268,55 @@ class ModelCost:
     def flops_total(self) -> int:
         return self.tower_flops + self.projector_flops + self.scoring_flops + self.prefill_flops + self.decode_flops
 
+    @property
+    def language_model_flops(self) -> int:
+        """The language model's share: prefill, decode and a score-based method's ranking rows."""
+        return self.prefill_flops + self.decode_flops + self.scoring_flops
+
 
 def model_cost(shape: ModelShape, method: str | None, budget: float | None, workload: Workload = TABLE_IV_WORKLOAD,
                prune_layers: Sequence[int] | None = None) -> ModelCost:
     """Cost of ``workload`` on ``shape`` under ``method`` at ``budget`` (``method=None``: full).
 
-    Schedules come from ``adsc_patch.solve.solve_method`` (the solver the model uses); ToMe's
-    tower runs its merges layer by layer up to the feature layer."""
+    Schedules come from ``adsc_patch.solve.solve_method`` (the solver the model uses); the
+    cost of a solved schedule is ``schedule_cost``'s."""
     from .solve import solve_method
 
+    if method is None:
+        return schedule_cost(shape, None, None, workload, budget=budget)
+    tower = shape.tower
+    solved = solve_method(method, budget, shape.decoder.num_layers, (tower.grid, tower.grid),
+                          tower.layers_to_feature, prune_layers)
+    return schedule_cost(shape, method, solved.schedule, workload, pre_llm=solved.pre_llm, budget=budget)
+
+
+def schedule_cost(shape: ModelShape, method: str | None, schedule: VisionSchedule | None,
+                  workload: Workload = TABLE_IV_WORKLOAD, pre_llm=None, budget: float | None = None) -> ModelCost:
+    """Cost of ``workload`` on ``shape`` under an already resolved per-image ``schedule`` of
+    ``method`` (``None``: full; a pre-LLM method also gives its ``PreLlmPlan``): the one cost
+    model the profiler, the bench, the demo and the playground's report read.
+
+    The tower runs the method's ``tower_tokens_per_layer`` (ToMe's merges layer by layer up
+    to the feature layer), the projector the tokens it hands on, the decoder the schedule;
+    score-based methods add their attention rows (``scoring_flops``)."""
     tower, n = shape.tower, shape.tower.num_patches
     images, batch = workload.images, workload.batch
     tower_tokens = [n + 1] * tower.layers_to_feature
-    schedule, kept, entering = None, n, n
+    kept, entering = n, n
     score_at: list[int] = []
-    if method is not None:
-        solved = solve_method(method, budget, shape.decoder.num_layers, (tower.grid, tower.grid),
-                              tower.layers_to_feature, prune_layers)
-        schedule, kept = solved.schedule, solved.kept_after_last_stage
-        if solved.pre_llm is not None:
-            entering = solved.pre_llm.num_tokens
-            if method == "tome":
-                tower_tokens, current = [], n + 1
-                for merged in solved.pre_llm.setting:
-                    tower_tokens.append(current)
-                    current -= merged
-        elif method in SCORE_LAYER:
+    if schedule is not None and not schedule.enabled and pre_llm is None:
+        schedule = None
+    if method is not None and schedule is not None:
+        kept = schedule.stage_tokens[-1]
+        rule = get_method(method)
+        if pre_llm is not None:
+            entering = pre_llm.num_tokens
+            tower_tokens = rule.tower_tokens_per_layer(pre_llm.setting, n, tower.layers_to_feature)
+        elif rule.score_based:
             per_layer = schedule.tokens_per_layer
 
             def before_drop(prune_layer: int) -> int:  # the tokens the ranking query sees
-                ranked_at = SCORE_LAYER[method](prune_layer)
+                ranked_at = rule.score_layer(prune_layer)
                 return per_layer[ranked_at] if ranked_at < prune_layer else (
                     per_layer[prune_layer - 1] if prune_layer else n)
 

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PRE_LLM_METHODS", "VisionReduction", "group_sizes"]
-
-PRE_LLM_METHODS = ("tome", "visionzip", "pool", "visionzip_spread")
+__all__ = ["VisionReduction", "group_sizes"]
 
 
 @dataclass

@@ -7,8 +7,9 @@ its own block or none, sees its own setting. ``session.trace`` is the ``PruningT
 last pruned prefill inside the block, handed to the session by the call itself (never read
 back from the shared module), and ``session.schedule`` the resolved per-image schedule.
 
-Models with the config hook (``llava.LlavaLlamaForCausalLM``) run the block under
-``model.pruned_as``; transformers' llava-hf models get the patch's forwards installed while
+The model's adapter (``adapters``, by ``config.model_type``) decides how: models with the
+config hook (``llava.LlavaLlamaForCausalLM``) run the block under ``model.pruned_as``;
+transformers' architectures (llava-hf) get the patch's forwards installed while
 any session on them is open (a lock-guarded count; they fall through to transformers' own
 forward for calls outside every session), so after the last block the model is untouched.
 """
@@ -20,6 +21,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from .adapters import adapter_for
 from .decoder import AdscPlan, PruningTrace
 from .schedule import VisionSchedule
 from .spec import PruningSpec
@@ -76,7 +78,7 @@ def pruning(model, spec: PruningSpec):
     the ``PruningSession``. A bad spec raises ``ScheduleError`` before anything changes."""
     if not isinstance(spec, PruningSpec):
         raise TypeError(f"pruning(model, spec) takes an adsc_patch.PruningSpec, got {type(spec).__name__}")
-    if hasattr(model, "pruned_as"):  # our config-hook models
+    if adapter_for(model).config_hook:  # our config-hook models
         setting, schedule = model.resolve_spec(spec)
         with model.pruned_as(setting) as record:
             yield PruningSession(spec, schedule, _record=record)

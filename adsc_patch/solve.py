@@ -3,7 +3,7 @@ the model hook (``configure_pruning``), the profiler and the benchmark share.
 
 ``solve_method(method, budget, num_layers, grid, tower_layers_run)`` returns the decoder's
 ``VisionSchedule`` (tokens per layer, the paper's accounting) and, for a pre-LLM method, its
-``PreLlmPlan``. Prune layers default per method (``default_prune_layers_for``): ADSC's for
+``PreLlmPlan``. Prune layers default per method (``PruneMethod.default_layers``): ADSC's for
 ``adsc`` and ``pdrop``, FastV's K for ``fastv``, none for the pre-LLM ones.
 """
 
@@ -13,11 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .fastv import DEFAULT_FASTV_LAYER, check_prune_layers
-from .methods import PRUNE_METHODS, is_pre_llm
+from .methods import get_method
 from .prellm import PreLlmPlan, pre_llm_schedule, solve_pre_llm
-from .schedule import (BUDGET_SLACK, ScheduleError, VisionSchedule, default_prune_layers, lowest_reachable_average,
-                       solve_drop_ratio)
+from .schedule import BUDGET_SLACK, ScheduleError, VisionSchedule, lowest_reachable_average, solve_drop_ratio
 
 __all__ = ["MethodSchedule", "default_prune_layers_for", "reachable_budget_range", "recorded_prune_layers_for",
            "solve_method"]
@@ -36,34 +34,23 @@ class MethodSchedule:
 
 
 def default_prune_layers_for(method: str, num_layers: int) -> tuple[int, ...]:
-    if method == "fastv":
-        return (DEFAULT_FASTV_LAYER,)
-    if is_pre_llm(method):
-        return ()
-    return default_prune_layers(num_layers)
+    return get_method(method).default_layers(num_layers)
 
 
 def recorded_prune_layers_for(method: str, recorded: Sequence[int], num_layers: int) -> tuple[int, ...]:
     """The prune layers ``method`` takes on a checkpoint that records ``recorded`` (a fine-tuned
     schedule): the pre-LLM methods none; FastV, which drops once, the first recorded layer
     (when it is >= 1); the others the recorded layers; the method's defaults without any."""
-    if is_pre_llm(method):
-        return ()
-    if method == "fastv":
-        return (recorded[0],) if recorded and recorded[0] >= 1 else default_prune_layers_for(method, num_layers)
-    return tuple(recorded) if recorded else default_prune_layers_for(method, num_layers)
+    return get_method(method).layers_on_recorded(tuple(recorded), num_layers)
 
 
 def solve_method(method: str, budget: float, num_layers: int, grid: tuple[int, int], tower_layers_run: int,
                  prune_layers: Sequence[int] | None = None) -> MethodSchedule:
     """The schedule meeting ``budget`` (mean vision tokens per decoder layer) by ``method``;
     errors name the method, the request and what is reachable."""
-    if method not in PRUNE_METHODS:
-        raise ScheduleError(f"unknown prune method {method!r}; known: {', '.join(PRUNE_METHODS)}")
-    if is_pre_llm(method):
-        if prune_layers:
-            raise ScheduleError(f"prune method {method} reduces the image's tokens before the language model; "
-                                f"it takes no prune layers (got {list(prune_layers)})")
+    rule = get_method(method)
+    if not rule.in_decoder:
+        rule.check_layers(tuple(prune_layers or ()))
         try:
             plan = solve_pre_llm(method, budget, tuple(grid), tower_layers_run)
         except ScheduleError as error:
@@ -71,9 +58,8 @@ def solve_method(method: str, budget: float, num_layers: int, grid: tuple[int, i
             raise ScheduleError(message if message.startswith("prune method") else
                                 f"prune method {method}: {message}") from None
         return MethodSchedule(method, float(budget), pre_llm_schedule(plan, num_layers), plan)
-    layers = default_prune_layers_for(method, num_layers) if prune_layers is None else tuple(prune_layers)
-    if method == "fastv":
-        check_prune_layers(layers)
+    layers = rule.default_layers(num_layers) if prune_layers is None else tuple(prune_layers)
+    rule.check_layers(layers)
     try:
         schedule = solve_drop_ratio(num_layers, grid[0] * grid[1], layers, budget)
     except ScheduleError as error:
@@ -87,10 +73,10 @@ def reachable_budget_range(method: str, num_layers: int, grid: tuple[int, int], 
     (at ``prune_layers``, default: the method's); every whole budget between them is accepted.
     ``ScheduleError`` when none is (e.g. bad layers)."""
     num_tokens = grid[0] * grid[1]
-    if not is_pre_llm(method):
-        layers = default_prune_layers_for(method, num_layers) if prune_layers is None else tuple(prune_layers)
-        if method == "fastv":
-            check_prune_layers(layers)
+    rule = get_method(method)
+    if rule.in_decoder:
+        layers = rule.default_layers(num_layers) if prune_layers is None else tuple(prune_layers)
+        rule.check_layers(layers)
         if not layers:
             return num_tokens, num_tokens
         lowest = lowest_reachable_average(num_layers, num_tokens, layers)

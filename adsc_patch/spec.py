@@ -29,7 +29,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
-from .methods import PRUNE_METHODS, is_pre_llm
+from .methods import DEFAULT_METHOD, get_method, is_pre_llm
 from .schedule import ScheduleError
 from .select import SELECTIONS
 
@@ -52,7 +52,7 @@ class PruningSpec:
     """What to prune: ``method``, one of ``budget`` / ``budget_fraction`` / ``drop_ratio``,
     ``layers`` (``None``: the method's own), ``selection`` and method ``options``."""
 
-    method: str = "adsc"
+    method: str = DEFAULT_METHOD
     budget: float | None = None
     budget_fraction: float | None = None
     drop_ratio: float | None = None
@@ -61,8 +61,7 @@ class PruningSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
-        if self.method not in PRUNE_METHODS:
-            raise ScheduleError(f"unknown prune method {self.method!r}; known: {', '.join(PRUNE_METHODS)}")
+        rule = get_method(self.method)
         if self.selection not in SELECTIONS:
             raise ScheduleError(f"prune selection {self.selection!r}: expected one of {', '.join(SELECTIONS)}")
         given = [unit for unit in _UNITS if getattr(self, unit) is not None]
@@ -85,11 +84,10 @@ class PruningSpec:
             layers = tuple(int(layer) for layer in self.layers)
             if any(layer < 0 for layer in layers) or list(layers) != sorted(set(layers)):
                 raise ScheduleError(f"prune layers {list(layers)}: expected distinct, increasing layer indices >= 0")
-            if is_pre_llm(self.method) and layers:
-                raise ScheduleError(f"prune method {self.method} reduces the image's tokens before the language "
-                                    f"model; it takes no prune layers (got {list(layers)})")
+            if layers:
+                rule.check_layers(layers)
             object.__setattr__(self, "layers", layers)
-            if not layers and not is_pre_llm(self.method) and self.drop_ratio != 0:
+            if not layers and rule.in_decoder and self.drop_ratio != 0:
                 raise ScheduleError(f"prune method {self.method} needs at least one prune layer to meet a "
                                     f"{unit.replace('_', ' ')} (give layers, or None for the method's own)")
         options = dict(self.options)
@@ -143,7 +141,7 @@ class PruningSpec:
         get = config.get if isinstance(config, Mapping) else (lambda key, default=None: getattr(config, key, default))
         fields = {key: get(key) for key in ("prune_method", "prune_layers", "drop_ratio", "vision_token_budget",
                                             "prune_selection") if get(key) is not None}
-        fields.setdefault("prune_method", "adsc")
+        fields.setdefault("prune_method", DEFAULT_METHOD)
         return cls.read(fields)
 
     @classmethod
@@ -163,7 +161,7 @@ class PruningSpec:
         unknown = sorted(set(fields) - known)
         if unknown:
             raise ScheduleError(f"pruning settings hold unknown fields: {', '.join(unknown)}")
-        fields.setdefault("method", "adsc")
+        fields.setdefault("method", DEFAULT_METHOD)
         if fields.get("layers") is not None:
             fields["layers"] = tuple(fields["layers"])
         if "options" in fields:

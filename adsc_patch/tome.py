@@ -48,11 +48,13 @@ import torch
 import torch.nn.functional as F
 
 from .compat import clip_vision_parts
+from .method_base import PruneMethod
 from .reduction import VisionReduction
 from .schedule import ScheduleError
 from .tower import layers_run
 
 __all__ = [
+    "ToMe",
     "Merge",
     "ToMeState",
     "bipartite_soft_matching",
@@ -291,3 +293,24 @@ def tome_vision_forward(vision_model, pixel_values: torch.Tensor, merge_counts: 
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(k, device=order.device).expand(n, -1))
     features = patches.gather(1, order[..., None].expand(-1, -1, dim))
     return VisionReduction(features, rank.gather(1, groups))
+
+
+class ToMe(PruneMethod):
+    """``tome``: the tower merges tokens layer by layer until each image hands on the budget."""
+
+    name = "tome"
+    in_decoder = False
+
+    def tower_setting(self, budget, grid, layers_run):
+        merges = tuple(tome_merge_counts(grid[0] * grid[1], layers_run, budget))
+        return merges, grid[0] * grid[1] - sum(merges)
+
+    def reduce(self, setting, grid, vision_model, pixel_values, select_layer):
+        return tome_vision_forward(vision_model, pixel_values, setting, select_layer)
+
+    def tower_tokens_per_layer(self, setting, num_patches, layers_run):
+        tokens, current = [], num_patches + 1
+        for merged in setting:
+            tokens.append(current)
+            current -= merged
+        return tokens

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .compat import clip_vision_parts
+from .method_base import PruneMethod
 from .reduction import VisionReduction
 from .schedule import ScheduleError
 from .select import spread_indices
@@ -56,6 +57,8 @@ from .tower import clip_hidden_state, layers_run
 
 __all__ = [
     "RELEASED",
+    "VisionZip",
+    "VisionZipSpread",
     "RULES",
     "SPREAD",
     "VISIONZIP_CONTEXTUAL_FRACTION",
@@ -279,3 +282,28 @@ def visionzip_vision_forward(
     scores = _cls_scores(layer.self_attn, query, keys)
     return visionzip_select(hidden[:, 1:], scores, keys.mean(dim=1)[:, 1:], dominant, contextual, rule,
                             cls_features=hidden[:, 0] if rule.cls_token else None)
+
+
+class VisionZip(PruneMethod):
+    """``visionzip`` as released: dominant tokens by CLS attention, contextual ones merged."""
+
+    name = "visionzip"
+    in_decoder = False
+    rule = RELEASED
+
+    def tower_setting(self, budget, grid, layers_run):
+        split = tuple(visionzip_split(budget, grid[0] * grid[1]))
+        return split, sum(split)
+
+    def reduce(self, setting, grid, vision_model, pixel_values, select_layer):
+        dominant, contextual = setting
+        return visionzip_vision_forward(vision_model, pixel_values, dominant, contextual,
+                                        select_layer=select_layer, rule=self.rule)
+
+
+class VisionZipSpread(VisionZip):
+    """``visionzip_spread``: patches only, targets spread evenly, plain means (a variant)."""
+
+    name = "visionzip_spread"
+    variant_of = "visionzip"
+    rule = SPREAD

@@ -180,7 +180,7 @@ class Setting:
     def read_layer_lengths(self) -> None:
         """Each decoder layer's sequence length in the last prefill (its trace, if it pruned)."""
         decoder = self.model.model
-        trace = decoder.adsc_trace if decoder.adsc_plan().enabled else None
+        trace = self.model.pruning_trace if decoder.adsc_plan().enabled else None
         length = self.spliced.inputs_embeds.shape[1]
         self.layer_lengths = list(trace.padded_length_per_layer) if trace is not None else \
             [length] * decoder.config.num_hidden_layers

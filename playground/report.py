@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from adsc_patch.profile import DecoderShape, generation_cost
+from adsc_patch.profile import ModelShape, Workload, schedule_cost
 from llava.eval.io import write_json_atomic, write_text_atomic
 from llava.eval.summarize import relative_scores
 
@@ -63,8 +63,7 @@ def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
     (settings that share a schedule, such as a fine-tune and its training-free twin, share
     the measurement)."""
     model, input_ids, mask, pixels, text_tokens = _model_and_batch(settings["full"].path, eval_dir, batch, device)
-    shape = DecoderShape.from_config(model.config)
-    n_vision = model.get_vision_tower().num_patches
+    shape = ModelShape.from_config(model.config, model.get_vision_tower().config)
     bytes_per_value = torch.finfo(model.dtype).bits // 8
     out = {}
     prefill_ms: dict[tuple, float] = {}
@@ -86,20 +85,23 @@ def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
                if schedule.enabled else ())
         if key not in prefill_ms:
             prefill_ms[key] = _prefill_ms(model, input_ids, mask, pixels)
-        cost = generation_cost(shape, text_tokens, ANSWER_TOKENS, schedule=schedule if schedule.enabled else None,
-                               vision_tokens=n_vision, bytes_per_value=bytes_per_value)
+        workload = Workload(text_tokens=text_tokens, new_tokens=ANSWER_TOKENS, bytes_per_value=bytes_per_value)
+        cost = schedule_cost(shape, model.config.prune_method if schedule.enabled else None, schedule, workload,
+                             pre_llm=model.pre_llm_plan())
         out[name] = {
             "average_vision_tokens": schedule.average_tokens,
             "vision_tokens_per_stage": list(schedule.stage_tokens),
-            "gflops": cost.total_flops / 1e9,
+            "gflops": cost.language_model_flops / 1e9,
             "prefill_gflops": cost.prefill_flops / 1e9,
-            "peak_kv_kb": cost.peak_kv_bytes / 2**10,
+            "vision_gflops": (cost.tower_flops + cost.projector_flops) / 1e9,
+            "peak_kv_kb": cost.kv_peak_bytes / 2**10,
             "prefill_ms": prefill_ms[key],
         }
     out["_assumptions"] = {
         "text_tokens": text_tokens, "answer_tokens": ANSWER_TOKENS, "batch_for_timing": int(input_ids.shape[0]),
         "bytes_per_value": bytes_per_value, "device": str(model.device),
-        "flops": "dense matrix products, prefill (last-position logits) + decode of the answer; see adsc_patch.profile",
+        "flops": "dense matrix products of the language model, prefill (last-position logits) + decode of the answer "
+                 "+ a score-based method's ranking rows; vision: tower + projector (adsc_patch.profile.schedule_cost)",
     }
     return out
 
@@ -199,13 +201,14 @@ def _seed_table(rows: list[dict]) -> list[str]:
 
 def _efficiency_table(cost: dict, shown: list[str]) -> list[str]:
     base = cost["full"]
-    lines = _header("setting", "avg vision tokens", "GFLOPs (prefill + decode)", "rel. (%)", "peak KV (KiB)",
-                    "rel. (%)", "prefill of one batch (ms)", "rel. (%)")
+    lines = _header("setting", "avg vision tokens", "LLM GFLOPs (prefill + decode)", "rel. (%)",
+                    "vision GFLOPs (tower + projector)", "peak KV (KiB)", "rel. (%)", "prefill of one batch (ms)",
+                    "rel. (%)")
     for name in shown:
         c = cost[name]
         lines.append(
             f"| {name} | {c['average_vision_tokens']:.1f} | {c['gflops']:.3f} | {100 * c['gflops'] / base['gflops']:.1f} "
-            f"| {c['peak_kv_kb']:.1f} | {100 * c['peak_kv_kb'] / base['peak_kv_kb']:.1f} | {c['prefill_ms']:.1f} "
+            f"| {c['vision_gflops']:.3f} | {c['peak_kv_kb']:.1f} | {100 * c['peak_kv_kb'] / base['peak_kv_kb']:.1f} | {c['prefill_ms']:.1f} "
             f"| {100 * c['prefill_ms'] / base['prefill_ms']:.1f} |"
         )
     a = cost["_assumptions"]

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adsc_patch.methods import get_method
 from llava.eval.io import write_json_atomic
 
 logger = logging.getLogger("playground")
@@ -247,13 +248,12 @@ class Study:
     def method_schedule(self, baseline: str, fraction: float) -> dict:
         """``configure_pruning`` arguments of a baseline at ``fraction`` of the vision tokens.
 
-        The in-decoder methods prune where ADSC does (PyramidDrop at ADSC's layers, FastV at
-        the first of them: layer 1 of 16 is FastV's K = 2 of 32), so they differ from ADSC only
-        in how they pick; the pre-LLM methods take no layers."""
+        The in-decoder methods prune where ADSC does, as each takes a fine-tuned schedule
+        (``PruneMethod.layers_on_recorded``: PyramidDrop at ADSC's layers, FastV at the first of
+        them: layer 1 of 16 is FastV's K = 2 of 32), so they differ from ADSC only in how they
+        pick; the pre-LLM methods take no layers."""
         _, method, selection = BASELINES[baseline]
-        in_decoder = list(self.config.prune_layers)
-        layers = {"fastv": in_decoder[:1], "adsc": in_decoder, "pdrop": in_decoder,
-                  "pdrop_original_ids": in_decoder}.get(method, [])
+        layers = list(get_method(method).layers_on_recorded(self.config.prune_layers, self.config.layers))
         schedule = {"prune_layers": layers, "vision_token_budget": self.budget_tokens(fraction), "method": method}
         if selection:
             schedule["selection"] = selection

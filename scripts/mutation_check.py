@@ -10,7 +10,7 @@ the file back. A mutation *survives* when its tests all pass: the suite has a ho
 report is a Markdown table; the exit code is 1 when any mutation survives or no longer
 applies (the code changed under it: update its text).
 
-Not part of CI's run (25 bugs, about two minutes on two cores); ``tests/test_mutation_check.py``
+Not part of CI's run (27 bugs, about two minutes on two cores); ``tests/test_mutation_check.py``
 checks on every run that each mutation still applies and names existing tests.
 """
 
@@ -103,19 +103,19 @@ MUTATIONS: tuple[Mutation, ...] = (
               "tests/adsc_patch/test_patch.py::test_patched_hf_generation_equals_the_uncached_loop_and_caches_the_schedule"),
              "decode steps one position too far"),
     Mutation("survivors-renumbered", "adsc_patch/decoder.py",
-             "    renumber = plan.method in RENUMBERS_POSITIONS\n",
+             "    renumber = plan.rule.renumbers_positions\n",
              "    renumber = True\n",
              ("tests/llava/test_llava_adsc.py::test_pruned_forward_equals_slow_reference",
               "tests/adsc_patch/test_patch.py::test_patched_hf_logits_equal_a_slow_loop_over_transformers_own_layers"),
              "ADSC and FastV survivors renumbered contiguously (only PyramidDrop's release does)"),
     Mutation("pdrop-keeps-original-ids", "adsc_patch/decoder.py",
-             "    renumber = plan.method in RENUMBERS_POSITIONS\n",
+             "    renumber = plan.rule.renumbers_positions\n",
              "    renumber = False\n",
              ("tests/adsc_patch/test_pdrop.py",),
              "PyramidDrop's survivors keep their original position ids (its release renumbers them)"),
     # ---- entry points
-    Mutation("recorded-layers-ignored", "llava/model/language_model/llava_llama.py",
-             "recorded = self.recorded_prune_layers(method)", "recorded = ()",
+    Mutation("recorded-layers-ignored", "adsc_patch/resolve.py",
+             "recorded_here = recorded_layers(host, recorded, method)", "recorded_here = ()",
              ("tests/llava/test_recorded_schedule.py",),
              "another method on a fine-tuned checkpoint takes its default layers, not the checkpoint's"),
     Mutation("prefill-kv-counts-the-answer", "llava/serve/chat.py",
@@ -171,6 +171,17 @@ MUTATIONS: tuple[Mutation, ...] = (
              "    return prune_layer\n",
              ("tests/adsc_patch/test_fastv.py::test_the_pruned_loop_keeps_the_top_k_of_the_eager_attention",),
              "FastV ranks by layer K's attention instead of layer K-1's"),
+    # ---- the method registry
+    Mutation("registered-method-ignored", "adsc_patch/decoder.py",
+             "    sets = plan.rule.keep_sets(num_tokens, counts, plan.selection, grid)\n",
+             "    sets = get_method(\"adsc\").keep_sets(num_tokens, counts, plan.selection, grid)\n",
+             ("tests/test_registered_method.py",),
+             "a registered positional method runs ADSC's survivors instead of its own"),
+    Mutation("per-image-grid-ignored", "adsc_patch/decoder.py",
+             "            spans.append((int(start), int(length), grid))\n",
+             "            spans.append((int(start), int(length), None))\n",
+             ("tests/adsc_patch/test_decoder.py::test_images_of_different_sizes_each_keep_their_own_lattice",),
+             "images of different sizes lose their own grids (the 1-D stride instead of each one's lattice)"),
 )
 
 

@@ -35,6 +35,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from adsc_patch.methods import DEFAULT_METHOD
+
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from ..conversation import get_conv_template
 from ..cli import add_debug_arg
@@ -301,7 +303,7 @@ def _pruning_differs(before: dict, now: dict) -> bool:
     """Compared on what the earlier file recorded (later releases add derived fields), and on
     the method, which files of ADSC runs leave out."""
     def get(pruning: dict, key: str):
-        return pruning.get(key, "adsc" if key == "method" else None)
+        return pruning.get(key, DEFAULT_METHOD if key == "method" else None)
 
     return any(get(before, key) != get(now, key) for key in set(before) | {"method"})
 
@@ -315,7 +317,7 @@ def _settings(args, model, model_name, conv_mode, schedule, n_questions) -> dict
         "vision_token_budget": model.config.vision_token_budget,
         "selection": model.config.prune_selection,
     }
-    if model.config.prune_method != "adsc":  # absent for adsc: answer files of earlier releases resume
+    if model.config.prune_method != DEFAULT_METHOD:  # absent for adsc: earlier releases' answer files resume
         pruning["method"] = model.config.prune_method
     if schedule is not None:
         pruning.update(

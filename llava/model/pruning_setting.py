@@ -16,40 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from adsc_patch import PruningTrace
-from adsc_patch.methods import is_pre_llm
+from adsc_patch.resolve import PruningSetting  # the five config fields; resolving them is adsc_patch.resolve's
 
 __all__ = ["PruningSetting", "CallRecord", "active_pruning", "active_record", "pruning_override"]
-
-
-@dataclass(frozen=True)
-class PruningSetting:
-    """The five pruning fields of ``LlavaConfig``, resolved (``LlavaLlamaForCausalLM.resolve_pruning``)."""
-
-    prune_layers: tuple[int, ...] = ()
-    drop_ratio: float = 0.0
-    vision_token_budget: float | None = None
-    prune_selection: str = "uniform_2d"
-    prune_method: str = "adsc"
-
-    @property
-    def enabled(self) -> bool:
-        """Whether anything is pruned: in-decoder layers with a ratio, or a pre-LLM budget."""
-        if is_pre_llm(self.prune_method):
-            return self.vision_token_budget is not None
-        return bool(self.prune_layers) and self.drop_ratio > 0
-
-    @classmethod
-    def of_config(cls, config) -> "PruningSetting":
-        return cls(tuple(config.prune_layers), config.drop_ratio, config.vision_token_budget,
-                   config.prune_selection, config.prune_method)
-
-    def store(self, config) -> None:
-        """Write the setting into ``config`` (what ``configure_pruning`` does)."""
-        config.prune_layers = list(self.prune_layers)
-        config.drop_ratio = self.drop_ratio
-        config.vision_token_budget = self.vision_token_budget
-        config.prune_selection = self.prune_selection
-        config.prune_method = self.prune_method
 
 
 @dataclass

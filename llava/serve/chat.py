@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
-from adsc_patch import PruningTrace, compat
+from adsc_patch import PruningTrace, compat, resolve
 from adsc_patch.cache import cache_nbytes
-from adsc_patch.profile import ModelShape, Workload, model_cost
+from adsc_patch.profile import ModelShape, Workload, schedule_cost
 
 from ..cli import InputError
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
@@ -250,9 +250,10 @@ class ChatEngine:
         text = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True).strip()
         prompt_tokens = int(ids.shape[1]) - 1
         method = pruning.prune_method if pruning.enabled else None
-        cost = model_cost(self.shape, method, pruning.vision_token_budget if method else None,
-                          Workload(prompt_tokens, 1, new_tokens, 1, torch.finfo(self.model.dtype).bits // 8),
-                          prune_layers=pruning.prune_layers or None)
+        host = self.model.pruning_host()
+        cost = schedule_cost(self.shape, method, resolve.schedule_of(host, pruning) if method else None,
+                             Workload(prompt_tokens, 1, new_tokens, 1, torch.finfo(self.model.dtype).bits // 8),
+                             pre_llm=resolve.pre_llm_plan(host, pruning), budget=pruning.vision_token_budget)
         trace, cache = result["trace"], compat.output_cache(out)
         metrics = ReplyMetrics(
             method=method or "full", budget=pruning.vision_token_budget if method else None, ttft_ms=ttft,

@@ -32,8 +32,7 @@ import torch
 import transformers
 
 from adsc_patch import ScheduleError, compat, kept_tokens, vision_schedule
-from adsc_patch.solve import default_prune_layers_for
-from adsc_patch.methods import is_pre_llm
+from adsc_patch.methods import get_method
 from llava.cli import InputError, run_command
 from llava.model import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.builder import (
@@ -163,18 +162,18 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments, at
 
 
 def _method_prune_layers(adsc: AdscArguments, config) -> list[int]:
-    """The prune layers of the fine-tune: given, else saved, else the method's default
-    (ADSC's for adsc and pdrop, FastV's K for fastv, none before the language model)."""
+    """The prune layers of the fine-tune: given, else saved where they fit the method, else the
+    method's default (ADSC's for adsc and pdrop, FastV's K for fastv, none before the language
+    model)."""
     given = adsc.layers()
-    if is_pre_llm(adsc.prune_method):
+    rule = get_method(adsc.prune_method)
+    if not rule.in_decoder:
         if given:
             raise InputError(f"--prune_method {adsc.prune_method} reduces the image before the language model: "
                              f"drop --prune_layers {adsc.prune_layers}")
         return []
-    default = list(default_prune_layers_for(adsc.prune_method, config.num_hidden_layers))
-    if adsc.prune_method == "fastv":
-        return given or (list(config.prune_layers) if len(config.prune_layers) == 1 else default)
-    return given or list(config.prune_layers) or default
+    saved = list(config.prune_layers)
+    return given or (saved if saved and rule.fits_layers(saved) else list(rule.default_layers(config.num_hidden_layers)))
 
 
 def _target_budget(model, adsc: AdscArguments, layers: list[int]) -> float:

@@ -152,3 +152,59 @@ def test_compaction_right_aligns_kept_slots():
     src, valid = _compaction_index(keep)
     assert valid.tolist() == [[True, True, True], [False, False, True]]
     assert src[0].tolist() == [0, 2, 3] and src[1, -1].item() == 2
+
+
+def test_images_of_different_sizes_each_keep_their_own_lattice():
+    """Per-call image spans (an adapter's layout for dynamic resolution): each image keeps the
+    ADSC lattice of its own grid at counts from the ratio on its own length, written here by
+    rule (``floor((1 - r) * n)`` per stage; ``tests.helpers.reference_uniform_2d``)."""
+    from tests.helpers import reference_uniform_2d
+
+    model = _model("eager")
+    ratio = 0.5
+    plan = AdscPlan(prune_layers=(2, 4), drop_ratio=ratio)  # no fixed size: the spans say
+    rows = [[(3, (4, 4)), (22, (2, 3)), (31, (3, 5))], [(4, (5, 5))]]
+    total = 50
+    embeds = torch.randn(len(rows), total, 32)
+    vision = torch.zeros(len(rows), total, dtype=torch.bool)
+    images = []
+    for row, placed in enumerate(rows):
+        images.append([(start, h * w, (h, w)) for start, (h, w) in placed])
+        for start, (h, w) in placed:
+            vision[row, start:start + h * w] = True
+    positions = torch.arange(total)
+    with torch.no_grad():
+        out = pruned_decoder_forward(model, plan, inputs_embeds=embeds, vision_mask=vision, use_cache=False,
+                                     images=images)
+        for row, placed in enumerate(rows):
+            allowed_per_stage = []
+            for stage in range(2):
+                allowed = set(range(total))
+                for start, (h, w) in placed:
+                    counts, n = [], h * w
+                    for _ in range(2):
+                        n = int((1 - ratio) * n)
+                        counts.append(n)
+                    kept = reference_uniform_2d(h, w, counts)[stage]
+                    allowed -= {start + i for i in range(h * w)} - {start + i for i in kept}
+                allowed_per_stage.append(allowed)
+            index, hidden = torch.arange(total), embeds[row][None]
+            for layer_idx, layer in enumerate(model.layers):
+                if layer_idx in plan.prune_layers:
+                    allowed = allowed_per_stage[plan.prune_layers.index(layer_idx)]
+                    keep = torch.tensor([int(i) in allowed for i in index])
+                    hidden, index = hidden[:, keep], index[keep]
+                n = hidden.shape[1]
+                mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+                hidden = layer(hidden, attention_mask=mask,
+                               position_embeddings=model.rotary_emb(hidden, positions[index][None]))
+            reference = model.norm(hidden)[0]
+            got = out.last_hidden_state[row, -reference.shape[0]:]
+            torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+            assert out.token_positions[row, -reference.shape[0]:].tolist() == index.tolist()
+    with pytest.raises(ValueError, match="do not cover exactly"):
+        pruned_decoder_forward(model, plan, inputs_embeds=embeds, vision_mask=vision, use_cache=False,
+                               images=[images[0][:2], images[1]])
+    with pytest.raises(ValueError, match="not a 3x3 grid"):
+        pruned_decoder_forward(model, plan, inputs_embeds=embeds, vision_mask=vision, use_cache=False,
+                               images=[images[0], [(4, 25, (3, 3))]])

@@ -4,7 +4,7 @@ top-k; the random selection's counts and nesting."""
 import pytest
 import torch
 
-from adsc_patch import AdscPlan, ScheduleError, pruned_decoder_forward
+from adsc_patch import AdscPlan, ScheduleError, last_prefill_trace, pruned_decoder_forward
 from adsc_patch.scores import last_query_index, query_attention, top_k_per_image
 from adsc_patch.select import keep_sets
 from tests.helpers import tiny_eager_decoder
@@ -60,7 +60,7 @@ def test_the_pruned_loop_keeps_the_top_k_of_the_eager_attention(decoder, side):
                             output_attentions=True).attentions[K - 1].mean(dim=1)
         pruned_decoder_forward(decoder, plan, inputs_embeds=embeds, attention_mask=mask,
                                position_ids=positions, vision_mask=vision, use_cache=False)
-    trace = decoder.adsc_trace
+    trace = last_prefill_trace(decoder)
     query = [29, 29] if side == "left" else [29, 26]  # each row's last real token, by the layout of _batch
     for row in range(2):
         vision_positions = torch.nonzero(vision[row]).flatten()

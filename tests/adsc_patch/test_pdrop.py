@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from adsc_patch import AdscPlan, compat, pruned_decoder_forward
+from adsc_patch import AdscPlan, compat, last_prefill_trace, pruned_decoder_forward
 from adsc_patch.scores import answer_query_mask, query_attention
 from tests.helpers import tiny_eager_decoder
 
@@ -93,7 +93,7 @@ def test_every_stage_keeps_the_top_half_of_the_eager_attention_of_the_query(deco
         out = pruned_decoder_forward(decoder, plan, inputs_embeds=embeds, vision_mask=vision, use_cache=False,
                                      query_mask=query_mask)
     expected_hidden, expected_kept = _slow_pdrop(decoder, embeds, vision, query_positions, VARIANTS[method])
-    trace = decoder.adsc_trace
+    trace = last_prefill_trace(decoder)
     assert [k[0].tolist() for k in trace.kept_vision_positions[1:]] == expected_kept
     assert [len(k) for k in expected_kept] == [8, 4]
     torch.testing.assert_close(out.last_hidden_state, expected_hidden, atol=1e-5, rtol=1e-5)

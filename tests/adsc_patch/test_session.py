@@ -158,3 +158,33 @@ def test_on_our_model_a_session_is_the_per_call_setting_and_leaves_the_config(ti
     assert kept == list(session.schedule.stage_tokens) and kept[0] == 36
     assert abs(session.schedule.average_tokens - 12) <= 0.5
     assert model.config.prune_layers == []
+
+
+def test_last_trace_is_this_threads_own_never_another_requests(hf, prompts):
+    """``last_trace`` (and ``model.pruning_trace``) answer for the calling thread: a thread that
+    ran nothing sees none, and its own run does not replace what the main thread sees."""
+    from adsc_patch import last_trace
+
+    apply_adsc(hf, SPECS["adsc"])
+    try:
+        with torch.no_grad():
+            hf(input_ids=prompts[0][0], pixel_values=prompts[0][1])
+        mine = last_trace(hf)
+        assert mine is not None and mine.token_positions.shape[0] == 1
+        seen = {}
+
+        def other():
+            seen["before"] = last_trace(hf)
+            ids = torch.cat([prompts[1][0]] * 2)
+            with torch.no_grad():
+                hf(input_ids=ids, pixel_values=torch.cat([prompts[1][1]] * 2))
+            seen["after"] = last_trace(hf)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        assert seen["before"] is None
+        assert seen["after"] is not None and seen["after"].token_positions.shape[0] == 2
+        assert last_trace(hf) is mine
+    finally:
+        remove_adsc(hf)

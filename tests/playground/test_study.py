@@ -58,6 +58,35 @@ def test_the_default_run_has_every_baseline_training_free_at_every_budget(smoke_
 
 
 @pytest.mark.compat
+def test_the_reports_cost_is_the_profilers_for_every_baseline(smoke_run):
+    """One cost model: each row of the report's Table IV analog equals ``model_cost`` (what the
+    profiler and the bench print) for its method, budget and layers; the score-based methods
+    pay their ranking rows, ToMe a cheaper tower."""
+    from adsc_patch.profile import Workload, load_shape, model_cost
+    from playground.report import ANSWER_TOKENS
+
+    run_dir, summary = smoke_run
+    cost = summary["efficiency"]
+    shape = load_shape(str(run_dir / "checkpoints" / "full"))
+    a = cost["_assumptions"]
+    workload = Workload(text_tokens=a["text_tokens"], new_tokens=ANSWER_TOKENS, bytes_per_value=a["bytes_per_value"])
+    n = shape.tower.num_patches
+    layers = {"fastv": [1], "pdrop": [1, 4], "adsc": [1, 4], "random": [1, 4], "tome": None, "visionzip": None,
+              "pool": None}
+    method_of = {"random": "adsc"}
+    for label, fraction in (("1of3", 1 / 3), ("1of9", 1 / 9)):
+        for baseline, prune_layers in layers.items():
+            name = f"adsc-{label}" if baseline == "adsc" else f"{baseline}-{label}"
+            expected = model_cost(shape, method_of.get(baseline, baseline), n * fraction, workload, prune_layers)
+            assert cost[name]["gflops"] == pytest.approx(expected.language_model_flops / 1e9, rel=1e-12), name
+            assert cost[name]["vision_gflops"] == pytest.approx(
+                (expected.tower_flops + expected.projector_flops) / 1e9, rel=1e-12), name
+            assert cost[name]["peak_kv_kb"] == pytest.approx(expected.kv_peak_bytes / 2**10, rel=1e-12), name
+    assert model_cost(shape, "fastv", n / 9, workload, [1]).scoring_flops > 0
+    assert cost["tome-1of9"]["vision_gflops"] < cost["full"]["vision_gflops"] == cost["adsc-1of9"]["vision_gflops"]
+
+
+@pytest.mark.compat
 def test_budgets_are_the_analogs_of_192_128_64(smoke_run):
     run_dir, _ = smoke_run
     results = json.loads((run_dir / "results.json").read_text())

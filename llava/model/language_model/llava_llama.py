@@ -20,6 +20,7 @@ The ADSC hook is four config fields, saved in ``config.json``:
 Empty ``prune_layers`` or ``drop_ratio == 0`` runs transformers' own ``LlamaModel.forward``.
 """
 
+import functools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,28 +35,26 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from adsc_patch import (
-    ADSC_TRACE_ATTR,
     PRUNE_METHODS,
     AdscPlan,
     PruningTrace,
     ScheduleError,
     compact_labels,
-    default_prune_layers,
     pruned_decoder_forward,
+    resolve,
     solve_drop_ratio,
     vision_schedule,
 )
 from adsc_patch import compat
-from adsc_patch.fastv import DEFAULT_FASTV_LAYER, check_prune_layers
+from adsc_patch.adapters import adapter_for
+from adsc_patch.decoder import last_prefill_trace, record_prefill_trace
 from adsc_patch.methods import is_pre_llm
-from adsc_patch.tower import layers_run
-from adsc_patch.prellm import PreLlmPlan, pre_llm_schedule, pre_llm_trace, reduce_images
-from adsc_patch.solve import (MethodSchedule, default_prune_layers_for, reachable_budget_range,
-                              recorded_prune_layers_for, solve_method)
-from adsc_patch.schedule import kept_tokens, validate_drop_ratio
+from adsc_patch.prellm import PreLlmPlan, pre_llm_trace, reduce_images
+from adsc_patch.resolve import HostFacts
 from adsc_patch.scores import answer_query_mask
-from adsc_patch.spec import PruningSpec
 from adsc_patch.select import SELECTIONS
+from adsc_patch.spec import PruningSpec
+from adsc_patch.tower import layers_run
 
 from ...constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..llava_arch import MultimodalInputs, assign_images_to_markers, image_markers_per_row, splice_image_features
@@ -108,7 +107,7 @@ class LlavaConfig(LlamaConfig):
         if self.prune_selection not in SELECTIONS:
             raise ScheduleError(f"prune_selection {self.prune_selection!r}: expected one of {SELECTIONS}")
         if self.prune_method not in PRUNE_METHODS:
-            raise ScheduleError(f"prune_method {self.prune_method!r}: expected one of {PRUNE_METHODS}")
+            raise ScheduleError(f"prune_method {self.prune_method!r}: expected one of {tuple(PRUNE_METHODS)}")
         if is_pre_llm(self.prune_method) and self.prune_layers:
             raise ScheduleError(f"prune_method {self.prune_method} reduces the image before the language model: "
                                 f"prune_layers must be empty, got {self.prune_layers}")
@@ -203,6 +202,7 @@ class LlavaLlamaModel(LlamaModel):
         compat.reject_stray_cache(kwargs, "LlavaLlamaModel.forward")
         plan = self.adsc_plan()
         if plan.enabled:
+            record = active_record(self.config)
             outputs = pruned_decoder_forward(
                 self,
                 plan,
@@ -214,11 +214,9 @@ class LlavaLlamaModel(LlamaModel):
                 use_cache=use_cache,
                 vision_mask=vision_mask,
                 query_mask=query_mask,
+                on_trace=None if record is None else functools.partial(setattr, record, "trace"),
                 **kwargs,
             )
-            record, cache = active_record(self.config), compat.output_cache(outputs)
-            if record is not None and cache is not None and getattr(cache, ADSC_TRACE_ATTR, None) is not None:
-                record.trace = getattr(cache, ADSC_TRACE_ATTR)  # this call's own cache: no other request's
             return outputs
         return super().forward(
             input_ids=input_ids,
@@ -320,16 +318,20 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         setting.store(self.config)
         return schedule
 
+    def pruning_host(self) -> HostFacts:
+        """What resolving a pruning request needs to know about this model (``adsc_patch.resolve``)."""
+        tower = self.get_vision_tower()
+        if tower is None:
+            return HostFacts(self.config.num_hidden_layers, None, None)
+        layout = adapter_for(self).image_layout(self)
+        return HostFacts(self.config.num_hidden_layers, layout.tokens, layout.grid,
+                         layers_run(tower.config.num_hidden_layers, tower.select_layer))
+
     def resolve_spec(self, spec: PruningSpec) -> tuple[PruningSetting, object]:
         """``resolve_pruning`` of an ``adsc_patch.PruningSpec`` (a ``budget_fraction`` taken of
         this model's vision tokens per image)."""
-        if spec.options:
-            raise ScheduleError(f"prune method {spec.method} takes no options (got {dict(spec.options)})")
-        tower = self.get_vision_tower()
-        budget = spec.budget_for(tower.num_patches if tower is not None else 1)
-        return self.resolve_pruning(prune_layers=None if spec.layers is None else list(spec.layers),
-                                    drop_ratio=spec.drop_ratio, vision_token_budget=budget,
-                                    selection=spec.selection, method=spec.method)
+        return resolve.resolve_spec(self.pruning_host(), PruningSetting.of_config(self.config), self.recorded_pruning,
+                                    spec)
 
     def resolve_pruning(
         self,
@@ -342,161 +344,61 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         """The ``PruningSetting`` (and its ``VisionSchedule``) a request means, changing nothing:
         ``configure_pruning`` stores it on the config, ``generate(..., pruning=setting)`` and
         ``pruned_as(setting)`` use it for one call (the demo serves two settings at once so).
+        The policy is ``adsc_patch.resolve.resolve_request``'s:
 
         Give ``drop_ratio`` or ``vision_token_budget`` (solved for ``prune_layers``), not
         both; with neither, a budget saved in the config is solved again for the (possibly
         new) layers, else the saved ratio stays. A ratio or budget without layers (none given,
-        none saved) uses ``default_prune_layers`` (2, 6, 12, 20 at 32 layers), as training
-        does, and logs it. ``prune_layers=[]`` or ``drop_ratio=0`` turns pruning off.
+        none saved) uses the method's default layers (ADSC's 2, 6, 12, 20 at 32 layers), as
+        training does, and logs it. ``prune_layers=[]`` or ``drop_ratio=0`` turns pruning off.
 
-        ``method`` (default: the saved ``prune_method``) is one of ``PRUNE_METHODS``; a new
-        method without ``prune_layers`` takes the loaded checkpoint's recorded layers where
-        they fit it (``recorded_prune_layers``: FastV the first), else its own default layers,
-        not the saved ones of another method.
-        ``fastv`` prunes at one layer ``K`` (default 2, FastV's), so without ``prune_layers``
-        a saved multi-layer schedule gives way to ``[2]``; ``pdrop`` takes the default layers
-        like ``adsc``; the pre-LLM methods (``tome``, ``visionzip``, ``pool``) take no prune
-        layers, a budget (or a ratio, read as ``floor((1 - r) * N)`` tokens) of tokens per
-        image, and store it as ``vision_token_budget`` with ``prune_layers`` empty. The saved
-        values are the config's (a setting active for the call does not change them).
+        ``method`` (default: the saved ``prune_method``) is a registered method
+        (``adsc_patch.methods``); a new method without ``prune_layers`` takes the loaded
+        checkpoint's recorded layers where they fit it (``recorded_prune_layers``: FastV the
+        first), else its own default layers, not the saved ones of another method. Saved
+        layers that do not fit a method (``PruneMethod.fits_layers``: FastV prunes at one
+        layer ``K``, default 2) give way to its defaults; the pre-LLM methods (``tome``,
+        ``visionzip``, ``pool``) take no prune layers, a budget (or a ratio, read as
+        ``floor((1 - r) * N)`` tokens) of tokens per image, and store it as
+        ``vision_token_budget`` with ``prune_layers`` empty. The saved values are the
+        config's (a setting active for the call does not change them).
         """
-        if drop_ratio is not None and vision_token_budget is not None:
-            raise ScheduleError("give drop_ratio or vision_token_budget, not both")
-        if selection is not None and selection not in SELECTIONS:
-            raise ScheduleError(f"prune selection {selection!r}: expected one of {SELECTIONS}")
-        method = method or self.config.prune_method
-        if method not in PRUNE_METHODS:
-            raise ScheduleError(f"unknown prune method {method!r}; known: {', '.join(PRUNE_METHODS)}")
-        if is_pre_llm(method):
-            return self._resolve_pre_llm(method, prune_layers, drop_ratio, vision_token_budget, selection)
-        tower = self.get_vision_tower()
-        layers = list(self.config.prune_layers if prune_layers is None else prune_layers)
-        if prune_layers is None and method != self.config.prune_method:
-            recorded = self.recorded_prune_layers(method)
-            if recorded:
-                logger.info("prune method %s: the checkpoint's layers %s", method, list(recorded))
-                layers = list(recorded)
-            elif layers:
-                logger.info("prune method %s replaces %s: its own default layers, not the saved %s",
-                            method, self.config.prune_method, layers)
-                layers = []  # the saved layers were the other method's
-        n_layers = self.config.num_hidden_layers
-        n_tokens = tower.num_patches if tower is not None else 1
-        asks_pruning = vision_token_budget is not None or (drop_ratio or 0) > 0
-        if method == "fastv" and prune_layers is None and len(layers) != 1 and (asks_pruning or layers):
-            layers = [DEFAULT_FASTV_LAYER]
-            logger.info("prune method fastv: pruning at layer %d (FastV's K)", DEFAULT_FASTV_LAYER)
-        elif prune_layers is None and not layers and asks_pruning:
-            layers = list(default_prune_layers(n_layers))
-            logger.info("no prune layers given or saved: using the default layers %s", layers)
-        if method == "fastv" and layers:
-            check_prune_layers(layers)
-        if drop_ratio is None and vision_token_budget is None and layers:
-            vision_token_budget = self.config.vision_token_budget
-        try:
-            if vision_token_budget is not None:
-                schedule = solve_drop_ratio(n_layers, n_tokens, layers, vision_token_budget)
-            else:
-                ratio = self.config.drop_ratio if drop_ratio is None else drop_ratio
-                schedule = vision_schedule(n_layers, n_tokens, layers, ratio)
-        except ScheduleError as error:
-            raise ScheduleError(f"prune method {method}: {error}") from None
-        setting = PruningSetting(tuple(schedule.prune_layers), schedule.drop_ratio, vision_token_budget,
-                                 selection or self.config.prune_selection, method)
-        return setting, (schedule if tower is not None else None)
+        return resolve.resolve_request(self.pruning_host(), PruningSetting.of_config(self.config),
+                                       self.recorded_pruning, prune_layers, drop_ratio, vision_token_budget,
+                                       selection, method)
 
     def recorded_prune_layers(self, method: str) -> tuple[int, ...]:
         """The loaded checkpoint's recorded prune layers as ``method`` takes them
-        (``solve.recorded_prune_layers_for``); ``()`` when it records none."""
-        recorded = self.recorded_pruning
-        if recorded is None or not recorded.prune_layers:
-            return ()
-        return recorded_prune_layers_for(method, recorded.prune_layers, self.config.num_hidden_layers)
+        (``PruneMethod.layers_on_recorded``); ``()`` when it records none."""
+        return resolve.recorded_layers(self.pruning_host(), self.recorded_pruning, method)
 
     def prune_layers_for(self, method: str) -> tuple[int, ...]:
         """The layers ``method`` prunes at on this model when none are given: the config's when it
         is the configured method, else the checkpoint's recorded layers where they fit it, else
         the method's defaults (none for the pre-LLM methods)."""
-        if is_pre_llm(method):
-            return ()
-        if method == self.config.prune_method and self.config.prune_layers:
-            return tuple(self.config.prune_layers)
-        return self.recorded_prune_layers(method) or default_prune_layers_for(method, self.config.num_hidden_layers)
+        return resolve.layers_for(self.pruning_host(), PruningSetting.of_config(self.config), self.recorded_pruning,
+                                  method)
 
     def reachable_budgets(self, method: str, prune_layers=None) -> tuple[int, int]:
         """``(lowest, highest)`` whole-token budgets ``method`` can reach on this model at
         ``prune_layers`` (default: ``prune_layers_for(method)``); ``ScheduleError`` for bad layers."""
-        tower = self.get_vision_tower()
-        if tower is None:
-            raise ScheduleError(f"prune method {method} needs a vision tower")
-        layers = self.prune_layers_for(method) if prune_layers is None else tuple(prune_layers)
-        side = tower.num_patches_per_side
-        grid = (side, side) if tower.select_feature == "patch" else (1, tower.num_patches)
-        return reachable_budget_range(method, self.config.num_hidden_layers, grid,
-                                      layers_run(tower.config.num_hidden_layers, tower.select_layer),
-                                      None if is_pre_llm(method) else layers)
-
-    def _resolve_pre_llm(self, method, prune_layers, drop_ratio, vision_token_budget, selection):
-        if prune_layers:
-            raise ScheduleError(f"prune method {method} reduces the image's tokens before the language model; "
-                                f"it takes no prune layers (got {list(prune_layers)})")
-        tower = self.get_vision_tower()
-        if tower is None:
-            raise ScheduleError(f"prune method {method} needs a vision tower")
-        n_tokens = tower.num_patches
-        if drop_ratio is not None:
-            off = drop_ratio == 0
-            budget = None if off else kept_tokens(n_tokens, validate_drop_ratio(drop_ratio))
-        elif vision_token_budget is not None:
-            budget = vision_token_budget
-        else:
-            budget = self.config.vision_token_budget
-        plan = self._solve_pre_llm(method, budget) if budget is not None else None
-        setting = PruningSetting((), 0.0, budget, selection or self.config.prune_selection, method)
-        if plan is None:
-            return setting, vision_schedule(self.config.num_hidden_layers, n_tokens, [], 0.0)
-        return setting, pre_llm_schedule(plan, self.config.num_hidden_layers)
-
-    def _solve_pre_llm(self, method: str, budget: float) -> PreLlmPlan:
-        return self._solve_method(method, budget).pre_llm
+        return resolve.reachable_budgets(self.pruning_host(), PruningSetting.of_config(self.config),
+                                         self.recorded_pruning, method, prune_layers)
 
     def solve_schedule(self, budget: float, prune_layers, method: str | None = None):
         """The ``VisionSchedule`` that ``configure_pruning(prune_layers, vision_token_budget=budget,
         method=method)`` would set, without setting it (the curriculum solves its phases so)."""
-        method = method or self.config.prune_method
-        return self._solve_method(method, budget, list(prune_layers) if prune_layers else None).schedule
-
-    def _solve_method(self, method: str, budget: float, prune_layers=None) -> MethodSchedule:
-        tower = self.get_vision_tower()
-        if is_pre_llm(method) and tower.select_feature != "patch":
-            raise ScheduleError(f"prune method {method} works on the patch grid; this tower hands on CLS too "
-                                f"(mm_vision_select_feature {tower.select_feature!r})")
-        side = tower.num_patches_per_side
-        grid = (side, side) if tower.select_feature == "patch" else (1, tower.num_patches)
-        return solve_method(method, budget, self.config.num_hidden_layers, grid,
-                            layers_run(tower.config.num_hidden_layers, tower.select_layer), prune_layers)
+        return resolve.solve_for_host(self.pruning_host(), method or self.config.prune_method, budget,
+                                      list(prune_layers) if prune_layers else None).schedule
 
     def pre_llm_plan(self) -> PreLlmPlan | None:
         """The plan of a pre-LLM method in effect (``None``: none, or no budget)."""
-        setting = active_pruning(self.config)
-        if not is_pre_llm(setting.prune_method) or setting.vision_token_budget is None:
-            return None
-        if self.get_vision_tower() is None:
-            return None
-        return self._solve_pre_llm(setting.prune_method, setting.vision_token_budget)
+        return resolve.pre_llm_plan(self.pruning_host(), active_pruning(self.config))
 
     def vision_schedule(self):
         """The ``VisionSchedule`` of the current config for one image (for a pre-LLM method:
         all patches before layer 0, its emitted count in every decoder layer)."""
-        tower = self.get_vision_tower()
-        if tower is None:
-            raise ValueError("model has no vision tower")
-        plan = self.pre_llm_plan()
-        if plan is not None:
-            return pre_llm_schedule(plan, self.config.num_hidden_layers)
-        setting = active_pruning(self.config)
-        return vision_schedule(self.config.num_hidden_layers, tower.num_patches, setting.prune_layers,
-                               setting.drop_ratio)
+        return resolve.schedule_of(self.pruning_host(), active_pruning(self.config))
 
     @property
     def pruning_trace(self) -> PruningTrace | None:
@@ -505,7 +407,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         record = active_record(self.config)
         if record is not None:
             return record.trace
-        return getattr(self.model, "adsc_trace", None)
+        return last_prefill_trace(self.model)
 
     @contextmanager
     def pruned_as(self, setting: PruningSetting | PruningSpec | None):
@@ -571,7 +473,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             # a pre-LLM method: nothing drops in the decoder, the trace is the merge
             trace = pre_llm_trace(spliced.vision_mask, spliced.attention_mask, self.config.num_hidden_layers,
                                   merge_groups)
-            self.model.adsc_trace = trace
+            record_prefill_trace(self.model, trace)
             record = active_record(self.config)
             if record is not None:
                 record.trace = trace
