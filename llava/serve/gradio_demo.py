@@ -39,6 +39,7 @@ import os
 
 from adsc_patch import PRUNE_METHODS, ScheduleError
 from adsc_patch.methods import is_pre_llm
+from adsc_patch.spec import PruningSpec, add_spec_flags, spec_from_flags
 
 from ..cli import InputError, MissingDependencyError, add_debug_arg, fail, run_command
 from ..eval.inference import add_model_args, load_model_from_args
@@ -299,14 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava.serve.gradio_demo", description=__doc__.split("\n\n")[0])
     add_model_args(parser, model_path_help="checkpoint folder or hub id (default: the playground's fine-tuned "
                                            "ADSC checkpoint, playground/runs/default/checkpoints/adsc-1of3)")
-    parser.add_argument("--prune-method", choices=PRUNE_METHODS, default=None,
-                        help="the compressed pane's first method (default: the checkpoint's recorded one, else adsc)")
-    parser.add_argument("--vision-token-budget", type=float, default=None,
-                        help="the compressed pane's first budget (default: the checkpoint's recorded one, else a "
-                             "third of the vision tokens)")
-    parser.add_argument("--prune-layers", type=parse_layer_list, default=None,
-                        help="the compressed pane's first prune layers (default: the checkpoint's where they fit the "
-                             "method, else the method's own)")
+    add_spec_flags(parser, title="the compressed pane's first setting (default: the checkpoint's recorded one, "
+                                 "else adsc at a third of the vision tokens, at the checkpoint's layers where "
+                                 "they fit the method, else the method's own)")
     parser.add_argument("--conv-mode", default=None, help="default: the checkpoint's conv_mode, else vicuna_v1")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS)
@@ -316,6 +312,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7860)
     add_debug_arg(parser)
     return parser
+
+
+def first_setting_from_flags(args, model) -> tuple[str | None, float | None, list[int] | None]:
+    """``(method, budget, prune layers)`` of the compressed pane's first setting from the pruning
+    flags (``adsc_patch.spec.spec_from_flags`` on top of the checkpoint's own spec); ``None``s
+    leave each to ``build_demo``'s defaults. A ratio is shown as the budget it means."""
+    if args.no_pruning:
+        raise InputError("--no-pruning: the demo's compressed pane always prunes (the other pane is the full model)")
+    spec = spec_from_flags(args, PruningSpec.from_config(model.config))
+    if spec is None:
+        return None, None, None
+    if args.prune_selection is not None:
+        model.configure_pruning(selection=args.prune_selection)
+    given_unit = any(getattr(args, name) is not None for name in ("vision_token_budget", "budget_fraction", "drop_ratio"))
+    budget = None
+    if given_unit:
+        _, schedule = model.resolve_spec(spec)
+        budget = spec.budget_for(model.get_vision_tower().num_patches) if spec.drop_ratio is None \
+            else schedule.average_tokens
+    return (args.prune_method, budget, None if args.prune_layers is None else list(args.prune_layers))
 
 
 def main(argv=None):
@@ -330,8 +346,9 @@ def main(argv=None):
     tokenizer, model, image_processor, _ = load_model_from_args(args)
     engine = ChatEngine(tokenizer, model, image_processor, args.conv_mode, args.max_image_pixels)
     try:
-        demo = build_demo(engine, args.prune_method, args.vision_token_budget, playground_examples(),
-                          args.max_new_tokens, prune_layers=args.prune_layers,
+        method, budget, prune_layers = first_setting_from_flags(args, model)
+        demo = build_demo(engine, method, budget, playground_examples(),
+                          args.max_new_tokens, prune_layers=prune_layers,
                           question_hint=playground_question_hint(args.model_path),
                           max_upload_bytes=int(args.max_upload_mb * 1e6))
     except ScheduleError as error:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from adsc_patch import compat
+from adsc_patch import PruningSpec, ScheduleError
 from adsc_patch.methods import PRUNE_METHODS
 
 from ..cli import InputError
@@ -113,7 +114,8 @@ class AdscArguments:
     prune_selection: str = field(default="uniform_2d", metadata={"help": "uniform_2d, uniform_1d or random"})
     prune_method: str = field(
         default="adsc",
-        metadata={"help": "adsc, fastv, pdrop (in the decoder) or tome, visionzip, pool (before it); docs/methods.md"},
+        metadata={"help": "adsc, fastv, pdrop (in the decoder) or tome, visionzip, pool (before it), or a registered "
+                          "method (adsc_patch.register_method); docs/methods.md"},
     )
     curriculum: str = field(
         default="reverse",
@@ -164,6 +166,20 @@ class AdscArguments:
             raise InputError(f"--prune_method {self.prune_method!r}: known {', '.join(PRUNE_METHODS)}")
         self.layers()
         self.fractions()
+        self.spec()
+
+    def spec(self) -> PruningSpec | None:
+        """The fine-tune's target as an ``adsc_patch.PruningSpec`` (``None`` without
+        ``--drop_ratio`` / ``--vision_token_budget``): the one place its method, layers,
+        selection and unit are checked together; ``InputError`` naming the flags otherwise."""
+        if self.drop_ratio is None and self.vision_token_budget is None:
+            return None
+        layers = self.layers()
+        try:
+            return PruningSpec(self.prune_method, budget=self.vision_token_budget, drop_ratio=self.drop_ratio,
+                               layers=None if layers is None else tuple(layers), selection=self.prune_selection)
+        except ScheduleError as error:
+            raise InputError(f"--prune_method/--prune_layers/--prune_selection and the target: {error}") from None
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:

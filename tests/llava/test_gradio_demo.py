@@ -445,3 +445,29 @@ def test_a_playground_checkpoint_gets_a_question_hint_of_its_kind(tmp_path, serv
     demo = build_demo(engine, "adsc", 12, max_new_tokens=NEW, question_hint=hint, warm_up=False)
     assert _component(demo, "question").placeholder == hint
     assert _component(served_app[2], "question").placeholder == "Ask about the image"
+
+
+def test_the_demos_pruning_flags_are_the_entry_points_own_and_read_into_its_first_setting(tiny_finetuned_dir):
+    """The demo takes the pruning flags every entry point takes (``add_spec_flags``): a budget,
+    a fraction of the 36 tokens or a ratio (shown as the budget it means) start the compressed
+    pane; a request that cannot be one is refused in one line before anything is served."""
+    from adsc_patch import ScheduleError
+    from llava.cli import InputError
+    from llava.model.builder import load_pretrained_model
+    from llava.serve.gradio_demo import build_parser, first_setting_from_flags
+
+    _, model, _, _ = load_pretrained_model(tiny_finetuned_dir, device="cpu")
+    parse = build_parser().parse_args
+
+    def first(*flags):
+        return first_setting_from_flags(parse(["--model-path", tiny_finetuned_dir, *flags]), model)
+
+    assert first() == (None, None, None)  # the checkpoint's own (build_demo's defaults)
+    assert first("--vision-token-budget", "14") == (None, 14.0, None)
+    assert first("--prune-method", "pdrop", "--budget-fraction", "0.5") == ("pdrop", 18.0, None)
+    # a ratio of 0.5 at layers 1 and 4 of 8: 36 -> 18 -> 9, average (36 + 3 * 18 + 4 * 9) / 8
+    assert first("--drop-ratio", "0.5", "--prune-layers", "1,4") == (None, (36 + 3 * 18 + 4 * 9) / 8, [1, 4])
+    with pytest.raises(InputError, match="--no-pruning"):
+        first("--no-pruning")
+    with pytest.raises(ScheduleError, match="fastv drops once"):
+        first("--prune-method", "fastv", "--prune-layers", "1,4", "--vision-token-budget", "14")

@@ -403,3 +403,16 @@ def test_the_scripts_header_example_runs_as_written(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert detect_checkpoint_format(str(tmp_path / "out")) == "lora"
+
+
+def test_a_target_that_cannot_be_a_pruning_spec_is_refused_before_the_model_loads(tmp_path, tiny_data):
+    """The training flags read into one ``PruningSpec`` (``AdscArguments.spec``): FastV at two
+    layers, or a pre-LLM method given layers, end in one line naming the flags before anything
+    is loaded (the model path does not even exist)."""
+    from llava.cli import InputError
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(InputError, match=r"--prune_method.*fastv drops once"):
+        _train_in_process(tmp_path, missing, tiny_data, "--prune_method", "fastv")  # layers 1,3 from the helper
+    with pytest.raises(InputError, match=r"--prune_method.*pool .*takes no prune layers"):
+        _train_in_process(tmp_path, missing, tiny_data, "--prune_method", "pool")
