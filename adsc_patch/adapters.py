@@ -26,16 +26,18 @@ import torch
 
 from .schedule import ScheduleError
 
-__all__ = ["ImageLayout", "LlavaHfAdapter", "LlavaLlamaAdapter", "ModelAdapter", "ModelParts", "adapter_for",
+__all__ = ["ImageLayout", "LlavaHfAdapter", "LlavaLlamaAdapter", "ModelAdapter", "ModelParts", "Qwen2_5_VLAdapter",
+           "Qwen3VLAdapter", "adapter_for",
            "register_adapter", "registered_model_types"]
 
 
 @dataclass(frozen=True)
 class ImageLayout:
     """One image's vision tokens: ``tokens`` consecutive tokens in the prompt, row-major over
-    ``grid`` (``(height, width)``; ``None``: not a grid, e.g. with a CLS token)."""
+    ``grid`` (``(height, width)``; ``None``: not a grid, e.g. with a CLS token). ``tokens``
+    ``None``: the size differs per image (dynamic resolution); each call's ``image_spans`` say."""
 
-    tokens: int
+    tokens: int | None
     grid: tuple[int, int] | None
 
 
@@ -53,7 +55,12 @@ class ModelAdapter:
     """Where an architecture keeps things. Subclasses set ``model_types`` and override."""
 
     model_types: tuple[str, ...] = ()
+    label: str = ""  # how messages name the architecture (default: its first model_type)
     config_hook: bool = False  # the model prunes by its own config (``configure_pruning``)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.model_types[0]
 
     def parts(self, model) -> ModelParts:
         raise NotImplementedError
@@ -72,6 +79,17 @@ class ModelAdapter:
     def vision_mask(self, multimodal, input_ids=None, inputs_embeds=None) -> torch.Tensor | None:
         """``(B, T)`` bool, True at the image tokens of a prompt (``None``: no image in it)."""
         raise NotImplementedError
+
+    def image_spans(self, multimodal, vision_mask: torch.Tensor, call: dict) -> list | None:
+        """Per row, ``(start, length, grid)`` of every image of this call (``call``: the
+        multimodal forward's arguments by name); ``None``: every image is ``image_layout``'s."""
+        return None
+
+    def layer_additions(self, language_model_kwargs: dict) -> dict[int, torch.Tensor] | None:
+        """Pop, from the keywords the language model's forward got, what the architecture adds
+        to the hidden states after some layers, as ``{layer: (B, T, D)}`` over the input
+        (``decoder.pruned_decoder_forward(additions=...)``); ``None``: nothing."""
+        return None
 
     def vocab_size(self, model) -> int:
         return self.language_model(model).config.vocab_size
@@ -99,6 +117,7 @@ class LlavaHfAdapter(ModelAdapter):
     """transformers' ``LlavaForConditionalGeneration`` / ``LlavaModel`` (llava-hf checkpoints)."""
 
     model_types = ("llava",)
+    label = "llava-hf"
 
     def parts(self, model) -> ModelParts:
         from transformers import LlavaForConditionalGeneration, LlavaModel
@@ -133,6 +152,122 @@ class LlavaHfAdapter(ModelAdapter):
         return self.parts(model).multimodal.config.text_config.vocab_size
 
 
+class Qwen2_5_VLAdapter(ModelAdapter):
+    """transformers' ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2_5_VLModel``: dynamic
+    resolution (each image ``t x h x w`` patches, merged ``m x m``: ``h/m x w/m`` tokens per
+    frame, from ``image_grid_thw``) and M-RoPE positions ``(3 or 4, B, T)``, which the loop
+    gathers with the survivors. Videos are not pruned (their tokens are kept like text)."""
+
+    model_types = ("qwen2_5_vl",)
+
+    def parts(self, model) -> ModelParts:
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+
+        if isinstance(model, Qwen2_5_VLForConditionalGeneration):
+            return ModelParts(model, model.model, model.model.language_model)
+        if isinstance(model, Qwen2_5_VLModel):
+            return ModelParts(None, model, model.language_model)
+        raise TypeError(f"model_type qwen2_5_vl: expected transformers' Qwen2_5_VLForConditionalGeneration or "
+                        f"Qwen2_5_VLModel, got {type(model).__name__}")
+
+    def image_layout(self, model) -> ImageLayout:
+        return ImageLayout(None, None)
+
+    def vision_mask(self, multimodal, input_ids=None, inputs_embeds=None) -> torch.Tensor | None:
+        if input_ids is None:
+            return None
+        mask = input_ids == multimodal.config.image_token_id
+        return mask if bool(mask.any()) else None
+
+    def image_spans(self, multimodal, vision_mask: torch.Tensor, call: dict) -> list:
+        """From ``image_grid_thw`` when the call has it; else (``generate`` encodes the images
+        before the forward and hands on only their features) from the M-RoPE positions: an
+        image's ``h`` and ``w`` axes span its merged grid."""
+        grid_thw = call.get("image_grid_thw")
+        if grid_thw is not None:
+            merge = multimodal.config.vision_config.spatial_merge_size
+            sizes = []
+            for t, h, w in grid_thw.tolist():
+                rows, cols = h // merge, w // merge
+                sizes.append((t * rows * cols, (rows, cols) if t == 1 else None))
+            return _assign_in_order(vision_mask, sizes)
+        positions = call.get("position_ids")
+        if positions is None or positions.dim() != 3:
+            raise ValueError("qwen2_5_vl: the prompt holds image tokens but the call gives neither image_grid_thw "
+                             "nor M-RoPE position_ids to read each image's grid from")
+        from .decoder import image_spans as runs_of
+
+        axes = positions[-3:].cpu()  # t, h, w
+        spans = []
+        for row, row_runs in enumerate(runs_of(vision_mask, None)):
+            row_spans = []
+            for start, length in row_runs:
+                h, w = axes[1, row, start:start + length], axes[2, row, start:start + length]
+                grid = (int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1)
+                if grid[0] * grid[1] != length:
+                    raise ValueError(f"qwen2_5_vl: row {row}: {length} image tokens at {start} are not one "
+                                     f"{grid[0]}x{grid[1]} grid (adjacent images need a separator)")
+                row_spans.append((start, length, grid))
+            spans.append(row_spans)
+        return spans
+
+    def vocab_size(self, model) -> int:
+        return self.parts(model).multimodal.config.text_config.vocab_size
+
+
+class Qwen3VLAdapter(Qwen2_5_VLAdapter):
+    """transformers' ``Qwen3VLForConditionalGeneration`` / ``Qwen3VLModel``: Qwen2.5-VL's layout
+    (interleaved M-RoPE is the rotary embedding's business) plus DeepStack: vision-layer features
+    added at the image tokens after the first decoder layers, which travel with the survivors
+    (a dropped token's features go with it)."""
+
+    model_types = ("qwen3_vl",)
+
+    def parts(self, model) -> ModelParts:
+        from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel
+
+        if isinstance(model, Qwen3VLForConditionalGeneration):
+            return ModelParts(model, model.model, model.model.language_model)
+        if isinstance(model, Qwen3VLModel):
+            return ModelParts(None, model, model.language_model)
+        raise TypeError(f"model_type qwen3_vl: expected transformers' Qwen3VLForConditionalGeneration or "
+                        f"Qwen3VLModel, got {type(model).__name__}")
+
+    def layer_additions(self, language_model_kwargs: dict) -> dict[int, torch.Tensor] | None:
+        mask = language_model_kwargs.pop("visual_pos_masks", None)
+        embeds = language_model_kwargs.pop("deepstack_visual_embeds", None)
+        if mask is None or embeds is None:
+            return None
+        additions = {}
+        for layer, features in enumerate(embeds):
+            dense = features.new_zeros(*mask.shape, features.shape[-1])
+            dense[mask.to(dense.device)] = features
+            additions[layer] = dense
+        return additions
+
+
+def _assign_in_order(vision_mask: torch.Tensor, sizes: list[tuple[int, tuple[int, int] | None]]) -> list:
+    """Images of ``sizes`` (in prompt order, row by row) laid over the vision tokens of each row."""
+    spans, queue = [], list(sizes)
+    mask = vision_mask.to("cpu", torch.bool)
+    for row in range(mask.shape[0]):
+        positions = torch.nonzero(mask[row]).flatten().tolist()
+        row_spans, at = [], 0
+        while at < len(positions):
+            if not queue:
+                raise ValueError(f"row {row} holds more image tokens than the images given")
+            length, grid = queue.pop(0)
+            start = positions[at]
+            if positions[at:at + length] != list(range(start, start + length)):
+                raise ValueError(f"row {row}: the image at {start} does not have {length} consecutive tokens")
+            row_spans.append((start, length, grid))
+            at += length
+        spans.append(row_spans)
+    if queue:
+        raise ValueError(f"{len(queue)} image(s) given beyond the image tokens of the prompts")
+    return spans
+
+
 _ADAPTERS: dict[str, ModelAdapter] = {}
 
 
@@ -161,3 +296,5 @@ def adapter_for(model) -> ModelAdapter:
 
 register_adapter(LlavaLlamaAdapter())
 register_adapter(LlavaHfAdapter())
+register_adapter(Qwen2_5_VLAdapter())
+register_adapter(Qwen3VLAdapter())

@@ -47,7 +47,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from . import compat
 from .methods import PRUNE_METHODS, get_method
 from .scores import last_query_mask, query_attention, top_k_per_image
-from .schedule import ScheduleError, VisionSchedule, vision_schedule
+from .schedule import ScheduleError, VisionSchedule, solve_drop_ratio, vision_schedule
 from .select import SELECTIONS
 
 __all__ = [
@@ -100,6 +100,9 @@ class AdscPlan:
         method: a registered in-decoder method (``methods.get_method``): ``adsc``
             (positional, ``selection``), ``fastv`` (exactly one prune layer ``K >= 1``),
             ``pdrop``, or one of the user's; the score-based ones ignore ``selection``.
+        budget_fraction: instead of one ``drop_ratio``, each image's own ratio is solved so
+            that its mean tokens per layer are this fraction of its own count (images of
+            different sizes; ``drop_ratio`` is then unused).
     """
 
     prune_layers: tuple[int, ...] = ()
@@ -108,6 +111,7 @@ class AdscPlan:
     tokens_per_image: int | None = None
     grid: tuple[int, int] | None = None
     method: str = "adsc"
+    budget_fraction: float | None = None
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -124,7 +128,7 @@ class AdscPlan:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.prune_layers) and self.drop_ratio > 0
+        return bool(self.prune_layers) and (self.drop_ratio > 0 or self.budget_fraction is not None)
 
     @property
     def rule(self):
@@ -132,7 +136,19 @@ class AdscPlan:
         return get_method(self.method)
 
     def schedule(self, num_layers: int, num_vision_tokens: int) -> VisionSchedule:
-        return vision_schedule(num_layers, num_vision_tokens, self.prune_layers, self.drop_ratio)
+        """One image's schedule: the plan's ratio, or its own solved for ``budget_fraction``."""
+        if self.budget_fraction is None:
+            return vision_schedule(num_layers, num_vision_tokens, self.prune_layers, self.drop_ratio)
+        return _fraction_schedule(num_layers, num_vision_tokens, self.prune_layers, self.budget_fraction, self.method)
+
+
+@lru_cache(maxsize=1024)
+def _fraction_schedule(num_layers, num_tokens, prune_layers, fraction, method) -> VisionSchedule:
+    try:
+        return solve_drop_ratio(num_layers, num_tokens, prune_layers, fraction * num_tokens)
+    except ScheduleError as error:
+        raise ScheduleError(f"prune method {method}: an image of {num_tokens} vision tokens at budget fraction "
+                            f"{fraction:g}: {error}") from None
 
 
 @dataclass
@@ -294,7 +310,7 @@ def _keep_masks(plan: AdscPlan, num_layers: int, vision_mask: torch.Tensor, layo
 def _query_scores(decoder, layer, hidden, slot_mask, positions, query_slots) -> torch.Tensor:
     """``(B, T)``: attention of each row's query slots in ``layer`` (whose input is ``hidden``)."""
     with torch.no_grad():
-        position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
+        position_embeddings = decoder.rotary_emb(hidden, position_ids=_rope_ids(positions))
         normed = layer.input_layernorm(hidden)
         return query_attention(layer.self_attn, normed, position_embeddings, slot_mask, query_slots)
 
@@ -355,28 +371,62 @@ def _pop_output_flags(kwargs: dict) -> None:
             )
 
 
-def _run_stage(decoder, layers, hidden, mask2d, positions, cache, use_cache, first_layer, pass_positions, kwargs):
+def _position_rows(position_ids, batch: int, length: int, start: int, device) -> torch.Tensor:
+    """Position ids as ``(R, B, T)``: ``R = 1`` for 1-D RoPE; 3 (t, h, w) or 4 (text row + t, h, w)
+    for multimodal RoPE (Qwen-VL); ``None``: ``start + arange(T)``."""
+    if position_ids is None:
+        position_ids = torch.arange(length, device=device) + start
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.dim() == 2:
+        position_ids = position_ids[None]
+    if position_ids.shape[0] not in (1, 3, 4):
+        raise ValueError(f"position_ids of shape {tuple(position_ids.shape)}: expected (B, T), (3, B, T) or (4, B, T)")
+    return position_ids.expand(-1, batch, -1)
+
+
+def _rope_ids(rows: torch.Tensor) -> torch.Tensor:
+    """What the rotary embedding takes: ``(B, T)`` for 1-D, the ``(3, B, T)`` axes for M-RoPE."""
+    if rows.shape[0] == 1:
+        return rows[0]
+    return rows[1:] if rows.shape[0] == 4 else rows
+
+
+def _text_ids(rows: torch.Tensor) -> torch.Tensor | None:
+    """The text positions the mask and the layers see (``None`` for 3-row M-RoPE, as transformers)."""
+    return rows[0] if rows.shape[0] in (1, 4) else None
+
+
+def _run_stage(decoder, layers, hidden, mask2d, positions, cache, use_cache, first_layer, pass_positions, kwargs,
+               additions=None, slot_index=None):
+    """Run ``layers`` on ``hidden`` with positions ``(R, B, T)`` and one stage's 2-D mask; after
+    layer ``l`` add ``additions[l]`` (``(B, T_input, D)`` over the input) at each slot's input
+    position (``slot_index``; Qwen3-VL's DeepStack features)."""
     causal_mask = create_causal_mask(
         config=decoder.config,
         inputs_embeds=hidden,
         attention_mask=mask2d,
-        position_ids=positions,
+        position_ids=_text_ids(positions),
         layer_idx=first_layer,
         **compat.cache_kwargs(cache),
     )
-    position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
-    for layer in layers:
+    position_embeddings = decoder.rotary_emb(hidden, position_ids=_rope_ids(positions))
+    for offset, layer in enumerate(layers):
         hidden = layer(
             hidden,
             attention_mask=causal_mask,
             position_embeddings=position_embeddings,
             # Gapped ids would read as packed sequences to FlashAttention: only the RoPE
             # embeddings carry them after a prune layer.
-            position_ids=positions if pass_positions else None,
+            position_ids=_text_ids(positions) if pass_positions else None,
             use_cache=use_cache,
             **compat.cache_kwargs(cache),
             **kwargs,
         )
+        if additions and first_layer + offset in additions:
+            add = additions[first_layer + offset]
+            gathered = add.gather(1, slot_index.clamp(min=0)[..., None].expand(-1, -1, add.shape[-1]))
+            hidden = hidden + gathered * (slot_index >= 0)[..., None].to(gathered.dtype)
     return hidden
 
 
@@ -421,6 +471,7 @@ def pruned_decoder_forward(
     query_mask: torch.Tensor | None = None,
     on_trace=None,
     images: ImageSpans | None = None,
+    additions: dict[int, torch.Tensor] | None = None,
     **kwargs,
 ) -> PrunedDecoderOutput:
     """Forward of a Llama-style ``decoder`` that drops vision tokens per ``plan``.
@@ -430,7 +481,8 @@ def pruned_decoder_forward(
         plan: what to prune; a disabled plan must not reach here (call the stock forward).
         attention_mask: ``(B, past + T)`` 2-D padding mask or ``None``.
         position_ids: ``(B, T)`` original positions of the input tokens; default
-            ``past + arange(T)`` like ``LlamaModel``.
+            ``past + arange(T)`` like ``LlamaModel``; or M-RoPE's ``(3, B, T)`` / ``(4, B, T)``
+            (text row first), every row gathered with the survivors.
         cache: a ``DynamicCache`` to fill or continue; also accepted as ``past_key_values``
             (transformers up to 5.23). Without one, a cache is built only when ``use_cache``
             (default ``config.use_cache``) asks for it and gradients are off: a training
@@ -446,6 +498,9 @@ def pruned_decoder_forward(
             different sizes (an adapter's per-call layout); ``None``: runs of vision tokens
             split by ``plan.tokens_per_image``, each on ``plan.grid``. Each image's counts come
             from the plan's ratio on its own length.
+        additions: prefill only: ``{layer: (B, T, D)}`` added to the hidden states after that
+            layer at the tokens still present (an adapter's per-layer visual features, e.g.
+            Qwen3-VL's DeepStack); a dropped token's addition goes with it.
 
     Returns:
         ``PrunedDecoderOutput``: hidden states of the last stage's slots (``B, T_out, D``)
@@ -490,9 +545,7 @@ def pruned_decoder_forward(
         return PrunedDecoderOutput(last_hidden_state=decoder.norm(hidden), **compat.output_cache_kwargs(cache))
 
     past_length = 0 if cache is None else cache.get_seq_length(0)
-    if position_ids is None:
-        position_ids = torch.arange(length, device=inputs_embeds.device) + past_length
-    position_ids = position_ids.expand(batch, -1) if position_ids.dim() == 2 else position_ids.unsqueeze(0).expand(batch, -1)
+    position_ids = _position_rows(position_ids, batch, length, past_length, inputs_embeds.device)
     slot_mask = (
         attention_mask[:, -length:].bool()
         if attention_mask is not None
@@ -512,7 +565,8 @@ def pruned_decoder_forward(
     hidden = inputs_embeds
     positions = position_ids
     renumber = plan.rule.renumbers_positions
-    first_position = position_ids.masked_fill(~slot_mask, torch.iinfo(position_ids.dtype).max).amin(1, keepdim=True)
+    first_position = position_ids[0].masked_fill(~slot_mask, torch.iinfo(position_ids.dtype).max).amin(1, keepdim=True)
+    first_slot = torch.where(slot_mask, torch.arange(length, device=slot_mask.device), length).amin(1, keepdim=True)
     slot_index = torch.arange(length, device=inputs_embeds.device).expand(batch, -1)
     stage_masks: list[torch.Tensor] = []
     kept_positions: list[list[torch.Tensor]] = []
@@ -535,11 +589,15 @@ def pruned_decoder_forward(
             keep = keep_masks[stage - 1].gather(1, slot_index.clamp(min=0)) & slot_mask
             src, valid = _compaction_index(keep)
             hidden = _gather_slots(hidden, src, valid)
-            positions = positions.gather(1, src).masked_fill(~valid, 0)
+            positions = positions.gather(2, src[None].expand(positions.shape[0], -1, -1)).masked_fill(~valid[None], 0)
             slot_mask = slot_mask.gather(1, src) & valid
-            if renumber:
-                positions = (first_position + slot_mask.cumsum(1) - 1).masked_fill(~slot_mask, 0)
             slot_index = slot_index.gather(1, src).masked_fill(~valid, -1)
+            if renumber and positions.shape[0] == 1:  # as released: 0..len-1 from the row's first position
+                positions = (first_position + slot_mask.cumsum(1) - 1).masked_fill(~slot_mask, 0)[None]
+            elif renumber:  # M-RoPE: every axis of the original ids down by the row's tokens dropped before
+                dropped = (slot_index - first_slot) - (slot_mask.cumsum(1) - 1)
+                original = position_ids.gather(2, slot_index.clamp(min=0)[None].expand(position_ids.shape[0], -1, -1))
+                positions = (original - dropped[None]).masked_fill(~slot_mask[None], 0)
         stage_masks.append(slot_mask)
         present = vision.gather(1, slot_index.clamp(min=0)) & (slot_index >= 0)
         kept_positions.append([slot_index[row][present[row]].cpu() for row in range(batch)])
@@ -551,11 +609,11 @@ def pruned_decoder_forward(
             if first <= ranked_by < end:  # ranked inside this stage (FastV: layer K-1)
                 split = ranked_by
         hidden = _run_stage(decoder, layers[first:split], hidden, slot_mask, positions, cache,
-                            use_cache, first, stage == 0, kwargs)
+                            use_cache, first, stage == 0, kwargs, additions, slot_index)
         if split < end:
             scores = score(split)
             hidden = _run_stage(decoder, layers[split:end], hidden, slot_mask, positions, cache,
-                                use_cache, split, stage == 0, kwargs)
+                                use_cache, split, stage == 0, kwargs, additions, slot_index)
     hidden = decoder.norm(hidden)
 
     if cache is not None and use_cache:
@@ -587,9 +645,7 @@ def _decode_step(decoder, state, schedule_bounds, inputs_embeds, attention_mask,
     last_first = state.stage_first_layers[-1]
     # Original-space length so far, from any stage: its cache minus its prefill slots.
     seen = cache.get_seq_length(last_first) - state.stage_masks[-1].shape[1] + state.prompt_length
-    if position_ids is None:
-        position_ids = (torch.arange(length, device=inputs_embeds.device) + seen).unsqueeze(0)
-    positions = position_ids.expand(batch, -1)
+    positions = _position_rows(position_ids, batch, length, seen, inputs_embeds.device)
     offsets = state.position_offsets()
     hidden = inputs_embeds
     for stage, (first, end) in enumerate(schedule_bounds):

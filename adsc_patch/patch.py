@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,21 +94,33 @@ def apply_adsc(
     return schedule
 
 
-def hf_plan(model, spec: PruningSpec) -> tuple[object, AdscPlan, VisionSchedule]:
-    """``(language model, plan, per-image schedule)`` of ``spec`` on a llava-hf model; layers
-    ``None`` take the method's own (``PruneMethod.default_layers``)."""
+def hf_plan(model, spec: PruningSpec) -> tuple[object, AdscPlan, VisionSchedule | None]:
+    """``(language model, plan, per-image schedule)`` of ``spec`` on a transformers model; layers
+    ``None`` take the method's own (``PruneMethod.default_layers``). For images of differing
+    sizes (the adapter's layout has no fixed size) the schedule is each image's, at the call:
+    ``None`` here."""
     rule = get_method(spec.method)
+    adapter = adapter_for(model)
     if not rule.in_decoder:
-        raise ScheduleError(f"prune method {spec.method!r}: the llava-hf patch runs the in-decoder methods "
+        raise ScheduleError(f"prune method {spec.method!r}: the {adapter.name} patch runs the in-decoder methods "
                             f"({', '.join(IN_LLM_METHODS)})")
     if spec.options:
         raise ScheduleError(f"prune method {spec.method} takes no options (got {dict(spec.options)})")
-    adapter = adapter_for(model)
     language_model = adapter.language_model(model)
     layout = adapter.image_layout(model)
     num_tokens, grid = layout.tokens, layout.grid
     num_layers = adapter.num_layers(model)
     layers = rule.default_layers(num_layers) if spec.layers is None else spec.layers
+    if layers:
+        rule.check_layers(layers)
+    if num_tokens is None:  # images differ in size: each gets its own schedule at the call
+        if spec.budget is not None:
+            raise ScheduleError(f"prune method {spec.method}: this model's images differ in size, so an absolute "
+                                f"budget ({spec.budget:g} tokens) means nothing; give budget_fraction or drop_ratio")
+        vision_schedule(num_layers, 1, layers, 0.0)  # layer range
+        plan = AdscPlan(tuple(layers), spec.drop_ratio or 0.0, spec.selection, None, None, spec.method,
+                        budget_fraction=spec.budget_fraction if spec.drop_ratio is None else None)
+        return language_model, plan, None
     budget = spec.budget_for(num_tokens)
     try:
         if spec.drop_ratio is not None:
@@ -125,7 +138,7 @@ def install_forwards(model) -> None:
     plan, else by ``apply_adsc``'s, else call transformers' own."""
     top, llava_model, language_model = _parts(model)
     _install(language_model, _language_model_forward)
-    _install(llava_model, _llava_model_forward)
+    _install(llava_model, _multimodal_forward)
     if top is not None:
         _install(top, _top_forward)
 
@@ -154,9 +167,15 @@ def _active_plan(language_model) -> tuple[AdscPlan | None, object]:
 
 @dataclass
 class _CallState:
-    """What one call of a patched llava-hf model passes from the language model to the top."""
+    """What one call of a patched model passes between its forwards: the image tokens and
+    spans found by the multimodal forward, the query tokens set by the top one (training),
+    and the kept slots' positions the language model hands back for the loss."""
 
     token_positions: torch.Tensor | None = None
+    vision_mask: torch.Tensor | None = None
+    images: list | None = None
+    query_mask: torch.Tensor | None = None
+    adapter: object | None = None  # the model's adapter, set by the multimodal forward
 
 
 _CALL: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar("adsc_hf_call", default=None)
@@ -207,8 +226,9 @@ def last_trace(model) -> PruningTrace | None:
 
 
 def _language_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                            use_cache=None, adsc_vision_mask=None, adsc_query_mask=None, **kwargs):
+                            use_cache=None, **kwargs):
     plan, session = _active_plan(self)
+    state = _CALL.get() or _CallState()
     cache = compat.take_cache(kwargs, where="the language model's forward")
     compat.reject_stray_cache(kwargs, "the language model's forward")
     if plan is None or not plan.enabled:
@@ -221,14 +241,14 @@ def _language_model_forward(self, input_ids=None, attention_mask=None, position_
         if session is not None:
             session.trace = trace
 
+    additions = state.adapter.layer_additions(kwargs) if state.adapter is not None else None
     outputs = pruned_decoder_forward(
         self, plan, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, vision_mask=adsc_vision_mask,
-        query_mask=adsc_query_mask, on_trace=hand_on, **kwargs,
+        cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, vision_mask=state.vision_mask,
+        query_mask=state.query_mask, on_trace=hand_on, images=state.images,
+        additions=additions, **kwargs,
     )
-    state = _CALL.get()
-    if state is not None:
-        state.token_positions = outputs.token_positions
+    state.token_positions = outputs.token_positions
     # transformers' LlavaModel builds its own output from every field of this one: only
     # BaseModelOutputWithPast's fields may be on it (the positions travel on the call's state).
     return BaseModelOutputWithPast(
@@ -236,33 +256,41 @@ def _language_model_forward(self, input_ids=None, attention_mask=None, position_
     )
 
 
-def _llava_model_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                         inputs_embeds=None, **kwargs):
-    cache = compat.take_cache(kwargs, where="LlavaModel.forward")
-    compat.reject_stray_cache(kwargs, "LlavaModel.forward")
+def _multimodal_forward(self, *args, **kwargs):
+    """The multimodal model's own forward, after noting on the call's state where this call's
+    image tokens are (the adapter's ``vision_mask`` and, for images of differing sizes, its
+    ``image_spans``): the language model reads them there, never from a keyword that would
+    travel into the vision tower."""
+    cache = compat.take_cache(kwargs, where=f"{type(self).__name__}.forward")
+    compat.reject_stray_cache(kwargs, f"{type(self).__name__}.forward")
+    call = inspect.signature(type(self).forward).bind_partial(self, *args, **kwargs).arguments
+    call.pop("self", None)
+    call.update(call.pop("kwargs", {}))
     adapter = adapter_for(self)
-    if input_ids is not None:
+    input_ids, inputs_embeds = call.get("input_ids"), call.get("inputs_embeds")
+    # only a call that brings images has image tokens (a generated token may carry the image id)
+    brings_images = any(call.get(k) is not None for k in ("pixel_values", "mm_encoder_outputs", "image_grid_thw"))
+    if input_ids is not None and brings_images:
         vision_mask = adapter.vision_mask(self, input_ids=input_ids)
-    elif inputs_embeds is not None and (pixel_values is not None or kwargs.get("mm_encoder_outputs") is not None):
+    elif inputs_embeds is not None and brings_images:
         vision_mask = adapter.vision_mask(self, inputs_embeds=inputs_embeds)
     else:
         vision_mask = None
     with _call_state() as state:
         state.token_positions = None
-        return type(self).forward(
-            self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, adsc_vision_mask=vision_mask,
-            **compat.cache_kwargs(cache), **kwargs,
-        )
+        state.vision_mask = vision_mask
+        state.adapter = adapter
+        state.images = adapter.image_spans(self, vision_mask, call) if vision_mask is not None else None
+        return type(self).forward(self, **call, **compat.cache_kwargs(cache))
 
 
 def _top_forward(self, *args, labels=None, **kwargs):
     adapter = adapter_for(self)
     plan, _ = _active_plan(adapter.language_model(self))
-    if labels is not None and plan is not None and plan.rule.score_based:
-        # score-based methods rank with the token before each answer in training
-        kwargs["adsc_query_mask"] = answer_query_mask(labels, _IGNORE_INDEX)
     with _call_state() as state:
+        if labels is not None and plan is not None and plan.rule.score_based:
+            # score-based methods rank with the token before each answer in training
+            state.query_mask = answer_query_mask(labels, _IGNORE_INDEX)
         outputs = type(self).forward(self, *args, **kwargs)
         positions = state.token_positions
     if labels is not None:

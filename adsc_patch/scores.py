@@ -65,7 +65,8 @@ def query_attention(
 
     Args:
         attention: a Llama-style attention module (``q_proj``, ``k_proj``, ``head_dim``,
-            ``scaling``; grouped key/value heads allowed).
+            ``scaling``; grouped key/value heads allowed; per-head ``q_norm`` / ``k_norm``
+            before RoPE where it has them, as Qwen3's).
         normed: ``(B, T, hidden)`` the layer's input after its input norm.
         position_embeddings: ``(cos, sin)`` of the slots, ``(B, T, head_dim)`` each.
         slot_mask: ``(B, T)`` bool, real slots.
@@ -89,8 +90,11 @@ def query_attention(
         order = torch.argsort(torch.where(queries, arange, arange + length), dim=1)[:, :count]
         index, valid = order, queries.gather(1, order)
     rows = torch.arange(batch, device=normed.device)[:, None]
-    q = attention.q_proj(normed[rows, index]).view(batch, index.shape[1], -1, head_dim).transpose(1, 2)
-    k = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    q = attention.q_proj(normed[rows, index]).view(batch, index.shape[1], -1, head_dim)
+    k = attention.k_proj(normed).view(batch, length, -1, head_dim)
+    if getattr(attention, "q_norm", None) is not None:  # per-head norms before RoPE (Qwen3)
+        q, k = attention.q_norm(q), attention.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = position_embeddings
     q = _apply_rope(q, cos[rows, index], sin[rows, index])
     k = _apply_rope(k, cos, sin)

@@ -10,7 +10,7 @@ the file back. A mutation *survives* when its tests all pass: the suite has a ho
 report is a Markdown table; the exit code is 1 when any mutation survives or no longer
 applies (the code changed under it: update its text).
 
-Not part of CI's run (27 bugs, about two minutes on two cores); ``tests/test_mutation_check.py``
+Not part of CI's run (31 bugs, about two minutes on two cores); ``tests/test_mutation_check.py``
 checks on every run that each mutation still applies and names existing tests.
 """
 
@@ -97,8 +97,8 @@ MUTATIONS: tuple[Mutation, ...] = (
               "tests/adsc_patch/test_patch.py::test_patched_hf_generation_batch_equals_single"),
              "decode steps do not attend to the last prompt token"),
     Mutation("decode-positions-plus-one", "adsc_patch/decoder.py",
-             "    positions = position_ids.expand(batch, -1)\n",
-             "    positions = position_ids.expand(batch, -1) + 1\n",
+             "    positions = _position_rows(position_ids, batch, length, seen, inputs_embeds.device)\n",
+             "    positions = _position_rows(position_ids, batch, length, seen, inputs_embeds.device) + 1\n",
              ("tests/llava/test_llava_adsc.py::test_cached_generation_equals_recomputing_the_pruned_forward",
               "tests/adsc_patch/test_patch.py::test_patched_hf_generation_equals_the_uncached_loop_and_caches_the_schedule"),
              "decode steps one position too far"),
@@ -182,6 +182,26 @@ MUTATIONS: tuple[Mutation, ...] = (
              "            spans.append((int(start), int(length), None))\n",
              ("tests/adsc_patch/test_decoder.py::test_images_of_different_sizes_each_keep_their_own_lattice",),
              "images of different sizes lose their own grids (the 1-D stride instead of each one's lattice)"),
+    Mutation("mrope-axes-not-gathered", "adsc_patch/decoder.py",
+             "            positions = positions.gather(2, src[None].expand(positions.shape[0], -1, -1))",
+             "            positions = positions[:1].gather(2, src[None]).expand(positions.shape[0], -1, -1)",
+             ("tests/adsc_patch/test_qwen_vl.py",),
+             "M-RoPE survivors keep only their text position on every axis (the t, h, w rows not gathered)"),
+    Mutation("mrope-renumbering-twice", "adsc_patch/decoder.py",
+             "                positions = (original - dropped[None]).masked_fill(~slot_mask[None], 0)",
+             "                positions = (positions - dropped[None]).masked_fill(~slot_mask[None], 0)",
+             ("tests/adsc_patch/test_qwen_vl.py",),
+             "PyramidDrop on M-RoPE subtracts earlier stages' drops a second time"),
+    Mutation("deepstack-on-dropped-slots", "adsc_patch/decoder.py",
+             "            hidden = hidden + gathered * (slot_index >= 0)[..., None].to(gathered.dtype)",
+             "            hidden = hidden + add[:, -hidden.shape[1]:]",
+             ("tests/adsc_patch/test_qwen_vl.py",),
+             "Qwen3-VL's DeepStack features added by slot, not by each survivor's input position"),
+    Mutation("qk-norms-skipped-in-ranking", "adsc_patch/scores.py",
+             "        q, k = attention.q_norm(q), attention.k_norm(k)",
+             "        pass",
+             ("tests/adsc_patch/test_qwen_vl.py",),
+             "the score-based methods rank without Qwen3's per-head q/k norms"),
 )
 
 
