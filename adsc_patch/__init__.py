@@ -4,11 +4,12 @@ The method and its baselines as small pure pieces (``schedule``, ``select``, ``s
 ``adsc``, ``fastv``, ``pdrop``, ``tome``, ``visionzip``, ``pool``, each a ``PruneMethod``;
 ``methods`` is their registry: ``register_method`` adds one), the pre-LLM door (``prellm``), the pruned decoder loop
 (``decoder``), cache accounting (``cache``), analytic cost (``profile``) and the patch for
-models we did not write (``patch``); transformers' version-dependent names live in
+models we did not write (``patch``), one adapter per architecture (``adapters``); transformers' version-dependent names live in
 ``compat`` (checked at import). Nothing here imports ``llava``.
 """
 
 from . import compat, resolve
+from .adapters import ImageLayout, ModelAdapter, adapter_for, register_adapter
 from .decoder import (
     AdscPlan,
     PrunedDecoderOutput,
@@ -42,12 +43,15 @@ __all__ = [
     "PruneMethod",
     "VisionReduction",
     "AdscPlan",
+    "ImageLayout",
+    "ModelAdapter",
     "PrunedDecoderOutput",
     "PruningSession",
     "PruningSpec",
     "PruningTrace",
     "ScheduleError",
     "VisionSchedule",
+    "adapter_for",
     "apply_adsc",
     "compact_labels",
     "default_prune_layers",
@@ -61,6 +65,7 @@ __all__ = [
     "pruned_decoder_forward",
     "pruning",
     "reduce_images",
+    "register_adapter",
     "register_method",
     "remove_adsc",
     "solve_drop_ratio",

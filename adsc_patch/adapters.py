@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import compat
 from .schedule import ScheduleError
 
 __all__ = ["ImageLayout", "LlavaHfAdapter", "LlavaLlamaAdapter", "ModelAdapter", "ModelParts", "Qwen2_5_VLAdapter",
-           "Qwen3VLAdapter", "adapter_for",
+           "Qwen3VLAdapter", "LlavaNextAdapter", "adapter_for",
            "register_adapter", "registered_model_types"]
 
 
@@ -83,6 +84,12 @@ class ModelAdapter:
     def image_spans(self, multimodal, vision_mask: torch.Tensor, call: dict) -> list | None:
         """Per row, ``(start, length, grid)`` of every image of this call (``call``: the
         multimodal forward's arguments by name); ``None``: every image is ``image_layout``'s."""
+        return None
+
+    def layout_from_embeddings(self, multimodal, vision_mask: torch.Tensor, inputs_embeds: torch.Tensor):
+        """``(vision mask, image spans)`` read off the spliced embeddings at the language model,
+        for architectures whose image layout only the features show (LLaVA-NeXT's newline
+        tokens); ``None``: the multimodal forward's ``vision_mask`` / ``image_spans`` stand."""
         return None
 
     def layer_additions(self, language_model_kwargs: dict) -> dict[int, torch.Tensor] | None:
@@ -163,6 +170,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def parts(self, model) -> ModelParts:
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 
+        compat.check_qwen_vl_layout(Qwen2_5_VLModel)
         if isinstance(model, Qwen2_5_VLForConditionalGeneration):
             return ModelParts(model, model.model, model.model.language_model)
         if isinstance(model, Qwen2_5_VLModel):
@@ -224,8 +232,9 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     model_types = ("qwen3_vl",)
 
     def parts(self, model) -> ModelParts:
-        from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel
+        from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLTextModel
 
+        compat.check_qwen_vl_layout(Qwen3VLModel, Qwen3VLTextModel)
         if isinstance(model, Qwen3VLForConditionalGeneration):
             return ModelParts(model, model.model, model.model.language_model)
         if isinstance(model, Qwen3VLModel):
@@ -244,6 +253,61 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
             dense[mask.to(dense.device)] = features
             additions[layer] = dense
         return additions
+
+
+class LlavaNextAdapter(LlavaHfAdapter):
+    """transformers' ``LlavaNextForConditionalGeneration`` / ``LlavaNextModel`` (anyres). Each
+    image is its base view (the tower's ``s x s`` patch grid) followed by its crops, unpadded to
+    the image's aspect ratio, as ``rows`` lines of ``cols`` tokens each closed by an
+    ``image_newline`` token, all under the image token id. Rule: the base view and the crops
+    are two images, each pruned on its own 2-D grid; newline tokens are never pruned (they
+    stay, like text). Newlines are found where the spliced embedding equals the model's
+    ``image_newline`` vector, so the layout needs neither ``image_sizes`` nor the pinpoints."""
+
+    model_types = ("llava_next",)
+    label = "llava-next"
+
+    def parts(self, model) -> ModelParts:
+        from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
+
+        if isinstance(model, LlavaNextForConditionalGeneration):
+            return ModelParts(model, model.model, model.model.language_model)
+        if isinstance(model, LlavaNextModel):
+            return ModelParts(None, model, model.language_model)
+        raise TypeError(f"model_type llava_next: expected transformers' LlavaNextForConditionalGeneration or "
+                        f"LlavaNextModel, got {type(model).__name__}")
+
+    def image_layout(self, model) -> ImageLayout:
+        return ImageLayout(None, None)
+
+    def layout_from_embeddings(self, multimodal, vision_mask: torch.Tensor, inputs_embeds: torch.Tensor):
+        from .decoder import image_spans as runs_of
+
+        vision = multimodal.config.vision_config
+        side = vision.image_size // vision.patch_size
+        base = side * side + (multimodal.config.vision_feature_select_strategy == "full")
+        newline = multimodal.image_newline.to(inputs_embeds.dtype)
+        is_newline = (inputs_embeds == newline).all(-1).cpu() & vision_mask.cpu()
+        mask = vision_mask.clone().cpu()
+        spans = []
+        for row, row_runs in enumerate(runs_of(vision_mask, None)):
+            row_spans = []
+            for start, length in row_runs:
+                breaks = torch.nonzero(is_newline[row, start:start + length]).flatten().tolist()
+                if not breaks or breaks[0] < base:
+                    raise ValueError(f"llava_next: row {row}: {length} image tokens at {start} are not a base view of "
+                                     f"{base} tokens followed by newline-closed lines")
+                row_spans.append((tuple(range(start, start + base)), (side, side) if base == side * side else None))
+                lines = [(a + 1, b) for a, b in zip([base - 1, *breaks[:-1]], breaks)]
+                crops = [start + p for a, b in lines for p in range(a, b)]
+                widths = {b - a for a, b in lines}
+                if crops:
+                    if len(widths) != 1:
+                        raise ValueError(f"llava_next: row {row}: crop lines of different widths {sorted(widths)}")
+                    row_spans.append((tuple(crops), (len(lines), widths.pop())))
+                mask[row, [start + b for b in breaks]] = False
+            spans.append(row_spans)
+        return mask.to(vision_mask.device), spans
 
 
 def _assign_in_order(vision_mask: torch.Tensor, sizes: list[tuple[int, tuple[int, int] | None]]) -> list:
@@ -298,3 +362,4 @@ register_adapter(LlavaLlamaAdapter())
 register_adapter(LlavaHfAdapter())
 register_adapter(Qwen2_5_VLAdapter())
 register_adapter(Qwen3VLAdapter())
+register_adapter(LlavaNextAdapter())

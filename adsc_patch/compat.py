@@ -299,3 +299,36 @@ def adopt_renamed_training_args(args) -> None:
         if getattr(args, new) is None and getattr(args, old, None) is not None:
             setattr(args, new, getattr(args, old))
             setattr(args, old, None)
+
+
+# What the Qwen-VL adapters read off transformers' classes (adapters.Qwen2_5_VLAdapter,
+# Qwen3VLAdapter): the multimodal forward's keywords (the image grids, the M-RoPE positions
+# generate computes, the images it encodes before the forward), the language model's
+# DeepStack keywords, and the M-RoPE helpers the tests' references call.
+QWEN_VL_FORWARD_KEYWORDS = {
+    "Qwen2_5_VLModel": ("input_ids", "position_ids", "image_grid_thw", "pixel_values", "mm_encoder_outputs"),
+    "Qwen3VLModel": ("input_ids", "position_ids", "image_grid_thw", "pixel_values", "mm_encoder_outputs"),
+    "Qwen3VLTextModel": ("position_ids", "visual_pos_masks", "deepstack_visual_embeds"),
+}
+
+
+def check_forward_keywords(cls, names) -> None:
+    """``TransformersLayoutError`` naming what is missing when ``cls.forward`` (undecorated)
+    does not take every one of ``names``: an architecture's internals changed under an adapter."""
+    taken = set(_undecorated_parameters(cls.forward)) | set(_parameters(cls.forward))
+    missing = [name for name in names if name not in taken]
+    if missing:
+        raise TransformersLayoutError(
+            f"transformers {transformers.__version__}: {cls.__name__}.forward no longer takes {missing}, which "
+            f"vision-token pruning reads (tested range {TESTED_RANGE_TEXT}; docs/compatibility.md)")
+
+
+def check_qwen_vl_layout(*classes) -> None:
+    """Check, once per class, the keywords ``QWEN_VL_FORWARD_KEYWORDS`` names for it."""
+    for cls in classes:
+        if cls.__name__ not in _CHECKED:
+            check_forward_keywords(cls, QWEN_VL_FORWARD_KEYWORDS[cls.__name__])
+            _CHECKED.add(cls.__name__)
+
+
+_CHECKED: set[str] = set()

@@ -46,7 +46,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import compat
 from .methods import PRUNE_METHODS, get_method
-from .scores import last_query_mask, query_attention, top_k_per_image
+from .scores import last_query_mask, query_attention, top_k_in_groups
 from .schedule import ScheduleError, VisionSchedule, solve_drop_ratio, vision_schedule
 from .select import SELECTIONS
 
@@ -270,15 +270,17 @@ def _stage_keep_table(plan: AdscPlan, num_layers: int, num_tokens: int,
     return table
 
 
-ImageSpans = list[list[tuple[int, int, "tuple[int, int] | None"]]]
+ImageSpans = list[list[tuple]]  # per row: (start, length, grid) or (positions, grid) per image
 
 
-def _image_layout(plan: AdscPlan, vision_mask: torch.Tensor, images: ImageSpans | None) -> ImageSpans:
-    """Per row, ``(start, length, grid)`` of every image: ``images`` as given (each image's own
-    size and grid, checked against the mask), else runs of vision tokens split by the plan's
+def _image_layout(plan: AdscPlan, vision_mask: torch.Tensor, images: ImageSpans | None) -> list[list[tuple]]:
+    """Per row, ``(positions, grid)`` of every image (``positions`` a tuple of input indices):
+    ``images`` as given (each image's own size and grid; ``(start, length, grid)`` for a
+    contiguous one, ``(positions, grid)`` for one interleaved with other tokens), checked to
+    cover exactly the vision tokens of the mask; else runs of vision tokens split by the plan's
     ``tokens_per_image``, each on the plan's ``grid``."""
     if images is None:
-        return [[(start, length, plan.grid) for start, length in row]
+        return [[(tuple(range(start, start + length)), plan.grid) for start, length in row]
                 for row in image_spans(vision_mask, plan.tokens_per_image)]
     if len(images) != vision_mask.shape[0]:
         raise ValueError(f"images: {len(images)} rows of image spans for a batch of {vision_mask.shape[0]}")
@@ -286,24 +288,30 @@ def _image_layout(plan: AdscPlan, vision_mask: torch.Tensor, images: ImageSpans 
     out = []
     for row, row_images in enumerate(images):
         spans = []
-        for start, length, grid in row_images:
+        for image in row_images:
+            if len(image) == 3:
+                start, length, grid = image
+                positions = tuple(range(int(start), int(start) + int(length)))
+            else:
+                positions, grid = tuple(int(p) for p in image[0]), image[1]
             grid = tuple(grid) if grid is not None else None
-            if grid is not None and grid[0] * grid[1] != length:
-                raise ValueError(f"row {row}: the image at {start} has {length} tokens, not a {grid[0]}x{grid[1]} grid")
-            covered[row, start:start + length] = True
-            spans.append((int(start), int(length), grid))
+            if grid is not None and grid[0] * grid[1] != len(positions):
+                raise ValueError(f"row {row}: the image at {positions[0]} has {len(positions)} tokens, not a "
+                                 f"{grid[0]}x{grid[1]} grid")
+            covered[row, list(positions)] = True
+            spans.append((positions, grid))
         out.append(spans)
     if not torch.equal(covered, vision_mask.to("cpu", torch.bool)):
         raise ValueError("images: the given image spans do not cover exactly the vision tokens of vision_mask")
     return out
 
 
-def _keep_masks(plan: AdscPlan, num_layers: int, vision_mask: torch.Tensor, layout: ImageSpans) -> list[torch.Tensor]:
+def _keep_masks(plan: AdscPlan, num_layers: int, vision_mask: torch.Tensor, layout: list[list[tuple]]) -> list[torch.Tensor]:
     """Per prune layer, a ``(B, T)`` bool mask over the input: text, or vision kept there."""
     keep = torch.ones((len(plan.prune_layers), *vision_mask.shape), dtype=torch.bool)
     for row, row_images in enumerate(layout):
-        for start, length, grid in row_images:
-            keep[:, row, start : start + length] = _stage_keep_table(plan, num_layers, length, grid)
+        for positions, grid in row_images:
+            keep[:, row, list(positions)] = _stage_keep_table(plan, num_layers, len(positions), grid)
     return list(keep.to(vision_mask.device).unbind(0))
 
 
@@ -333,13 +341,13 @@ def _scored_keep(plan, num_layers, spans, stage, scores, slot_index, input_lengt
     by_input = torch.full((batch, input_length + 1), float("-inf"), device=scores.device)
     by_input.scatter_(1, slot_index + 1, scores.masked_fill(slot_index < 0, float("-inf")))
     by_input = by_input[:, 1:]
-    spans = [[(start, length) for start, length, _ in row] for row in spans]
-    counts = [[plan.schedule(num_layers, length).stage_tokens[stage] for _, length in row] for row in spans]
-    keep = top_k_per_image(by_input, spans, counts)
+    groups = [[positions for positions, _ in row] for row in spans]
+    counts = [[plan.schedule(num_layers, len(positions)).stage_tokens[stage] for positions in row] for row in groups]
+    keep = top_k_in_groups(by_input, groups, counts)
     in_image = torch.zeros_like(keep)
-    for row, row_spans in enumerate(spans):
-        for start, length in row_spans:
-            in_image[row, start:start + length] = True
+    for row, row_groups in enumerate(groups):
+        for positions in row_groups:
+            in_image[row, list(positions)] = True
     return ~in_image | keep
 
 

@@ -175,7 +175,8 @@ class _CallState:
     vision_mask: torch.Tensor | None = None
     images: list | None = None
     query_mask: torch.Tensor | None = None
-    adapter: object | None = None  # the model's adapter, set by the multimodal forward
+    adapter: object | None = None  # the model's adapter and multimodal module, set by the multimodal forward
+    multimodal: object | None = None
 
 
 _CALL: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar("adsc_hf_call", default=None)
@@ -242,6 +243,10 @@ def _language_model_forward(self, input_ids=None, attention_mask=None, position_
             session.trace = trace
 
     additions = state.adapter.layer_additions(kwargs) if state.adapter is not None else None
+    if state.adapter is not None and state.vision_mask is not None and inputs_embeds is not None:
+        found = state.adapter.layout_from_embeddings(state.multimodal, state.vision_mask, inputs_embeds)
+        if found is not None:
+            state.vision_mask, state.images = found
     outputs = pruned_decoder_forward(
         self, plan, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, vision_mask=state.vision_mask,
@@ -280,6 +285,7 @@ def _multimodal_forward(self, *args, **kwargs):
         state.token_positions = None
         state.vision_mask = vision_mask
         state.adapter = adapter
+        state.multimodal = self
         state.images = adapter.image_spans(self, vision_mask, call) if vision_mask is not None else None
         return type(self).forward(self, **call, **compat.cache_kwargs(cache))
 

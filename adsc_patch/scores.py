@@ -113,10 +113,17 @@ def top_k_per_image(scores: torch.Tensor, spans: list[list[tuple[int, int]]], co
     with the highest score (ties to the earlier slot); everything outside the spans is False.
     ``counts[row][i]`` is ``k`` of span ``i``. Scores of ``-inf`` (tokens no longer present)
     rank last, so ``k`` must not exceed the present tokens of a span."""
+    groups = [[range(start, start + length) for start, length in row] for row in spans]
+    return top_k_in_groups(scores, groups, counts)
+
+
+def top_k_in_groups(scores: torch.Tensor, groups: list[list], counts: list[list[int]]) -> torch.Tensor:
+    """``top_k_per_image`` for images given as their positions (increasing; an image whose
+    tokens are not contiguous, e.g. crops interleaved with newline tokens)."""
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    for row, row_spans in enumerate(spans):
-        for (start, length), k in zip(row_spans, counts[row]):
-            block = scores[row, start : start + length]
-            order = torch.sort(block, descending=True, stable=True).indices[:k]
-            keep[row, start + order] = True
+    for row, row_groups in enumerate(groups):
+        for positions, k in zip(row_groups, counts[row]):
+            index = torch.as_tensor(list(positions), dtype=torch.long, device=scores.device)
+            order = torch.sort(scores[row, index], descending=True, stable=True).indices[:k]
+            keep[row, index[order]] = True
     return keep

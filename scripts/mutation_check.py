@@ -10,7 +10,7 @@ the file back. A mutation *survives* when its tests all pass: the suite has a ho
 report is a Markdown table; the exit code is 1 when any mutation survives or no longer
 applies (the code changed under it: update its text).
 
-Not part of CI's run (31 bugs, about two minutes on two cores); ``tests/test_mutation_check.py``
+Not part of CI's run (32 bugs, about two minutes on two cores); ``tests/test_mutation_check.py``
 checks on every run that each mutation still applies and names existing tests.
 """
 
@@ -178,8 +178,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_registered_method.py",),
              "a registered positional method runs ADSC's survivors instead of its own"),
     Mutation("per-image-grid-ignored", "adsc_patch/decoder.py",
-             "            spans.append((int(start), int(length), grid))\n",
-             "            spans.append((int(start), int(length), None))\n",
+             "            spans.append((positions, grid))\n",
+             "            spans.append((positions, None))\n",
              ("tests/adsc_patch/test_decoder.py::test_images_of_different_sizes_each_keep_their_own_lattice",),
              "images of different sizes lose their own grids (the 1-D stride instead of each one's lattice)"),
     Mutation("mrope-axes-not-gathered", "adsc_patch/decoder.py",
@@ -202,6 +202,11 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        pass",
              ("tests/adsc_patch/test_qwen_vl.py",),
              "the score-based methods rank without Qwen3's per-head q/k norms"),
+    Mutation("llava-next-crop-grid-transposed", "adsc_patch/adapters.py",
+             "                    row_spans.append((tuple(crops), (len(lines), widths.pop())))",
+             "                    row_spans.append((tuple(crops), (widths.pop(), len(lines))))",
+             ("tests/adsc_patch/test_llava_next.py",),
+             "LLaVA-NeXT's crop grid read as cols x rows (the lattice laid over the wrong shape)"),
 )
 
 

@@ -203,3 +203,16 @@ def test_the_deprecated_name_is_never_what_we_hand_to_transformers(recwarn):
         pruned_decoder_forward(model, plan, inputs_embeds=torch.randn(1, 20, 32), use_cache=True,
                                **{OTHER_NAME: DynamicCache(config=model.config)})
     assert not [w for w in recwarn if OTHER_NAME in str(w.message)]
+
+
+def test_the_qwen_vl_keywords_the_adapters_read_are_checked_and_a_missing_one_named():
+    from transformers import Qwen2_5_VLModel, Qwen3VLModel, Qwen3VLTextModel
+
+    compat.check_qwen_vl_layout(Qwen2_5_VLModel, Qwen3VLModel, Qwen3VLTextModel)  # the installed release
+
+    class Renamed(Qwen3VLTextModel):
+        def forward(self, position_ids=None, visual_mask=None, deepstack_visual_embeds=None):
+            pass
+
+    with pytest.raises(compat.TransformersLayoutError, match=r"Renamed.forward no longer takes \['visual_pos_masks'\]"):
+        compat.check_forward_keywords(Renamed, compat.QWEN_VL_FORWARD_KEYWORDS["Qwen3VLTextModel"])

@@ -96,11 +96,12 @@ def _eager_row(layer, hidden, rope):
     return weights[0].mean(0)[-1]
 
 
-def _reference_logits(model, ids, pixels, thw, method, layers, counts, chosen=None):
+def _reference_logits(model, ids, pixels, thw, method, layers, counts, chosen=None, every_slot=False):
     """The last position's logits of ``ids`` (prompt + generated tokens, one row) through the stock
     layers, no cache, dropping at ``layers`` what ``method``'s rule drops, ``counts[image][stage]``
     tokens kept per image. ``chosen``: the kept sets of the prompt's call (the score-based methods
-    rank once, at the prompt's last token). Returns the logits and the kept sets per stage."""
+    rank once, at the prompt's last token). Returns the logits and the kept sets per stage;
+    ``every_slot``: the logits of every surviving token and their input positions instead."""
     inner, text = model.model, model.model.language_model
     with torch.no_grad():
         embeds = text.embed_tokens(ids)
@@ -153,6 +154,8 @@ def _reference_logits(model, ids, pixels, thw, method, layers, counts, chosen=No
                 for slot, position in enumerate(index.tolist()):
                     if position in rank:
                         hidden[0, slot] = hidden[0, slot] + deepstack[layer_idx][rank[position]]
+        if every_slot:
+            return model.lm_head(text.norm(hidden))[0], index
         return model.lm_head(text.norm(hidden))[0, -1], kept_sets
 
 
@@ -246,3 +249,30 @@ def test_apply_adsc_prunes_until_removed_and_an_absolute_budget_is_refused(qwen)
     again = _generate(qwen, ids, pixels, thw).logits
     for step in range(STEPS):
         torch.testing.assert_close(again[step], stock[step])
+
+
+def test_the_training_loss_of_a_pruned_forward_equals_the_references(qwen):
+    """With labels, the loss over the pruned sequence: each text target predicted by the last
+    token kept before it (the rule, written here), as the stock loss does without pruning."""
+    ids, pixels, thw = _prompt([(8, 6), (4, 4)], seed=5)
+    labels = ids.clone()
+    labels[ids == IMAGE] = -100
+    labels[0, :3] = -100
+    layers, ratio = [1, 3], 0.5
+    with pruning(qwen, PruningSpec("adsc", drop_ratio=ratio, layers=tuple(layers))):
+        loss = qwen(input_ids=ids, pixel_values=pixels, image_grid_thw=thw, mm_token_type_ids=(ids == IMAGE).int(),
+                    labels=labels).loss
+    counts = _counts(layers, ratio, [12, 4])
+    logits, index = _reference_logits(qwen, ids, pixels, thw, "adsc", layers, counts, every_slot=True)
+    slot_of = {int(position): slot for slot, position in enumerate(index)}
+    terms = []
+    for position in range(1, ids.shape[1]):
+        if labels[0, position] == -100:
+            continue
+        before = max(p for p in slot_of if p < position)
+        terms.append(torch.nn.functional.cross_entropy(logits[slot_of[before]][None], labels[0, position][None]))
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        stock = qwen(input_ids=ids, pixel_values=pixels, image_grid_thw=thw, mm_token_type_ids=(ids == IMAGE).int(),
+                     labels=labels).loss
+    assert not torch.isclose(loss, stock)  # the pruned sequence, not the full one
