@@ -28,7 +28,8 @@ from . import compat
 from .schedule import ScheduleError
 
 __all__ = ["ImageLayout", "LlavaHfAdapter", "LlavaLlamaAdapter", "ModelAdapter", "ModelParts", "Qwen2_5_VLAdapter",
-           "Qwen3VLAdapter", "LlavaNextAdapter", "adapter_for",
+           "Qwen3VLAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
+           "adapter_for",
            "register_adapter", "registered_model_types"]
 
 
@@ -285,7 +286,9 @@ class LlavaNextAdapter(LlavaHfAdapter):
 
         vision = multimodal.config.vision_config
         side = vision.image_size // vision.patch_size
-        base = side * side + (multimodal.config.vision_feature_select_strategy == "full")
+        # the tower's tokens per tile (CLIP: patches + CLS; SigLIP: patches), less CLS by "default"
+        tower_tokens = next(m.num_positions for m in multimodal.vision_tower.modules() if hasattr(m, "num_positions"))
+        base = tower_tokens - (multimodal.config.vision_feature_select_strategy == "default")
         newline = multimodal.image_newline.to(inputs_embeds.dtype)
         is_newline = (inputs_embeds == newline).all(-1).cpu() & vision_mask.cpu()
         mask = vision_mask.clone().cpu()
@@ -308,6 +311,25 @@ class LlavaNextAdapter(LlavaHfAdapter):
                 mask[row, [start + b for b in breaks]] = False
             spans.append(row_spans)
         return mask.to(vision_mask.device), spans
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """transformers' ``LlavaOnevisionForConditionalGeneration`` / ``LlavaOnevisionModel``: LLaVA-NeXT's
+    anyres layout (large crop grids downscaled by the model before the newlines are added, which
+    the embeddings show as they are) under the same rule; videos (their own token id) are kept."""
+
+    model_types = ("llava_onevision",)
+    label = "llava-onevision"
+
+    def parts(self, model) -> ModelParts:
+        from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+
+        if isinstance(model, LlavaOnevisionForConditionalGeneration):
+            return ModelParts(model, model.model, model.model.language_model)
+        if isinstance(model, LlavaOnevisionModel):
+            return ModelParts(None, model, model.language_model)
+        raise TypeError(f"model_type llava_onevision: expected transformers' LlavaOnevisionForConditionalGeneration "
+                        f"or LlavaOnevisionModel, got {type(model).__name__}")
 
 
 def _assign_in_order(vision_mask: torch.Tensor, sizes: list[tuple[int, tuple[int, int] | None]]) -> list:
@@ -363,3 +385,4 @@ register_adapter(LlavaHfAdapter())
 register_adapter(Qwen2_5_VLAdapter())
 register_adapter(Qwen3VLAdapter())
 register_adapter(LlavaNextAdapter())
+register_adapter(LlavaOnevisionAdapter())

@@ -1,5 +1,6 @@
-"""Pruning transformers' own ``LlavaNextForConditionalGeneration`` (a tiny random one built from its
-config classes): anyres images, each a base view plus crops unpadded to its aspect ratio with a
+"""Pruning transformers' own ``LlavaNextForConditionalGeneration`` (CLIP tower, Llama) and
+``LlavaOnevisionForConditionalGeneration`` (SigLIP tower, Qwen2), tiny random ones built from their
+config classes: anyres images, each a base view plus crops unpadded to its aspect ratio with a
 newline token closing every line.
 
 The rule (docs/architectures.md): the base view and the crops are two images, each on its own
@@ -10,7 +11,8 @@ the prompt's last token), the logits from the stock layers run one by one withou
 
 import pytest
 import torch
-from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
+                          LlavaOnevisionForConditionalGeneration)
 from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                  image_size_to_num_patches, unpad_image)
 
@@ -25,10 +27,8 @@ SIZES = [(20, 30), (30, 14)]  # (height, width) of the two images
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def next_model():
-    torch.manual_seed(0)
-    config = LlavaNextConfig(
+def _llava_next():
+    return LlavaNextForConditionalGeneration, LlavaNextConfig(
         text_config=dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, pad_token_id=0),
@@ -37,9 +37,27 @@ def next_model():
         image_grid_pinpoints=PINPOINTS, image_token_id=IMAGE, vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
+
+
+def _llava_onevision():
+    return LlavaOnevisionForConditionalGeneration, LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=0),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=TILE, patch_size=TILE // SIDE),
+        image_grid_pinpoints=PINPOINTS, image_token_id=IMAGE, vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+
+
+@pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
+def next_model(request):
+    torch.manual_seed(0)
+    cls, config = {"llava_next": _llava_next, "llava_onevision": _llava_onevision}[request.param]()
     config._attn_implementation = "eager"
     config.text_config._attn_implementation = "eager"
-    return LlavaNextForConditionalGeneration(config).eval()
+    return cls(config).eval()
 
 
 def _layout(height, width):
