@@ -164,7 +164,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     """transformers' ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2_5_VLModel``: dynamic
     resolution (each image ``t x h x w`` patches, merged ``m x m``: ``h/m x w/m`` tokens per
     frame, from ``image_grid_thw``) and M-RoPE positions ``(3 or 4, B, T)``, which the loop
-    gathers with the survivors. Videos are not pruned (their tokens are kept like text)."""
+    gathers with the survivors. A video's frames (temporal patch groups) are pruned each on its
+    own grid, like images."""
 
     model_types = ("qwen2_5_vl",)
 
@@ -185,38 +186,56 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     def vision_mask(self, multimodal, input_ids=None, inputs_embeds=None) -> torch.Tensor | None:
         if input_ids is None:
             return None
-        mask = input_ids == multimodal.config.image_token_id
+        mask = (input_ids == multimodal.config.image_token_id) | (input_ids == multimodal.config.video_token_id)
         return mask if bool(mask.any()) else None
 
     def image_spans(self, multimodal, vision_mask: torch.Tensor, call: dict) -> list:
-        """From ``image_grid_thw`` when the call has it; else (``generate`` encodes the images
-        before the forward and hands on only their features) from the M-RoPE positions: an
-        image's ``h`` and ``w`` axes span its merged grid."""
-        grid_thw = call.get("image_grid_thw")
-        if grid_thw is not None:
-            merge = multimodal.config.vision_config.spatial_merge_size
-            sizes = []
-            for t, h, w in grid_thw.tolist():
-                rows, cols = h // merge, w // merge
-                sizes.append((t * rows * cols, (rows, cols) if t == 1 else None))
-            return _assign_in_order(vision_mask, sizes)
-        positions = call.get("position_ids")
-        if positions is None or positions.dim() != 3:
-            raise ValueError("qwen2_5_vl: the prompt holds image tokens but the call gives neither image_grid_thw "
-                             "nor M-RoPE position_ids to read each image's grid from")
+        """Every image, and every frame (temporal patch group) of every video, as its own grid of
+        ``h/m x w/m`` merged tokens. Read from the M-RoPE positions when the call has them (inside
+        ``generate``, which encodes the images first and hands on only their features): a
+        frame is a stretch of constant ``t``, its ``h`` and ``w`` axes span its grid; else from
+        ``image_grid_thw`` / ``video_grid_thw``."""
         from .decoder import image_spans as runs_of
 
-        axes = positions[-3:].cpu()  # t, h, w
+        positions = call.get("position_ids")
+        runs = runs_of(vision_mask, None)
+        if positions is not None and positions.dim() == 3:
+            axes = positions[-3:].cpu()  # t, h, w
+            spans = []
+            for row, row_runs in enumerate(runs):
+                row_spans = []
+                for start, length in row_runs:
+                    t = axes[0, row, start:start + length]
+                    cuts = [0, *(torch.nonzero(t[1:] != t[:-1]).flatten() + 1).tolist(), length]
+                    for a, b in zip(cuts[:-1], cuts[1:]):
+                        h, w = axes[1, row, start + a:start + b], axes[2, row, start + a:start + b]
+                        grid = (int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1)
+                        if grid[0] * grid[1] != b - a:
+                            raise ValueError(f"{self.name}: row {row}: {b - a} vision tokens at {start + a} are not "
+                                             f"one {grid[0]}x{grid[1]} grid (adjacent images need a separator)")
+                        row_spans.append((start + a, b - a, grid))
+                spans.append(row_spans)
+            return spans
+        merge = multimodal.config.vision_config.spatial_merge_size
+        ids = call.get("input_ids")
+        queues = {multimodal.config.image_token_id: list(_grids(call.get("image_grid_thw"), merge)),
+                  multimodal.config.video_token_id: list(_grids(call.get("video_grid_thw"), merge))}
         spans = []
-        for row, row_runs in enumerate(runs_of(vision_mask, None)):
+        for row, row_runs in enumerate(runs):
             row_spans = []
             for start, length in row_runs:
-                h, w = axes[1, row, start:start + length], axes[2, row, start:start + length]
-                grid = (int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1)
-                if grid[0] * grid[1] != length:
-                    raise ValueError(f"qwen2_5_vl: row {row}: {length} image tokens at {start} are not one "
-                                     f"{grid[0]}x{grid[1]} grid (adjacent images need a separator)")
-                row_spans.append((start, length, grid))
+                queue = queues[int(ids[row, start])]
+                at = start
+                while at < start + length:
+                    if not queue:
+                        raise ValueError(f"{self.name}: row {row} holds more vision tokens than the grids given "
+                                         "(image_grid_thw / video_grid_thw)")
+                    frames, grid = queue.pop(0)
+                    for _ in range(frames):
+                        row_spans.append((at, grid[0] * grid[1], grid))
+                        at += grid[0] * grid[1]
+                if at != start + length:
+                    raise ValueError(f"{self.name}: row {row}: the vision tokens at {start} do not match their grids")
             spans.append(row_spans)
         return spans
 
@@ -332,26 +351,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                         f"or LlavaOnevisionModel, got {type(model).__name__}")
 
 
-def _assign_in_order(vision_mask: torch.Tensor, sizes: list[tuple[int, tuple[int, int] | None]]) -> list:
-    """Images of ``sizes`` (in prompt order, row by row) laid over the vision tokens of each row."""
-    spans, queue = [], list(sizes)
-    mask = vision_mask.to("cpu", torch.bool)
-    for row in range(mask.shape[0]):
-        positions = torch.nonzero(mask[row]).flatten().tolist()
-        row_spans, at = [], 0
-        while at < len(positions):
-            if not queue:
-                raise ValueError(f"row {row} holds more image tokens than the images given")
-            length, grid = queue.pop(0)
-            start = positions[at]
-            if positions[at:at + length] != list(range(start, start + length)):
-                raise ValueError(f"row {row}: the image at {start} does not have {length} consecutive tokens")
-            row_spans.append((start, length, grid))
-            at += length
-        spans.append(row_spans)
-    if queue:
-        raise ValueError(f"{len(queue)} image(s) given beyond the image tokens of the prompts")
-    return spans
+def _grids(grid_thw, merge: int):
+    """``(frames, (rows, cols))`` of each ``(t, h, w)`` row of a Qwen grid tensor (``None``: none)."""
+    for t, h, w in ([] if grid_thw is None else grid_thw.tolist()):
+        yield t, (h // merge, w // merge)
 
 
 _ADAPTERS: dict[str, ModelAdapter] = {}

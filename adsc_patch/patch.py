@@ -274,7 +274,8 @@ def _multimodal_forward(self, *args, **kwargs):
     adapter = adapter_for(self)
     input_ids, inputs_embeds = call.get("input_ids"), call.get("inputs_embeds")
     # only a call that brings images has image tokens (a generated token may carry the image id)
-    brings_images = any(call.get(k) is not None for k in ("pixel_values", "mm_encoder_outputs", "image_grid_thw"))
+    brings_images = any(call.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs",
+                                                          "image_grid_thw", "video_grid_thw"))
     if input_ids is not None and brings_images:
         vision_mask = adapter.vision_mask(self, input_ids=input_ids)
     elif inputs_embeds is not None and brings_images:

@@ -276,3 +276,49 @@ def test_the_training_loss_of_a_pruned_forward_equals_the_references(qwen):
         stock = qwen(input_ids=ids, pixel_values=pixels, image_grid_thw=thw, mm_token_type_ids=(ids == IMAGE).int(),
                      labels=labels).loss
     assert not torch.isclose(loss, stock)  # the pruned sequence, not the full one
+
+
+def test_a_videos_frames_are_each_pruned_on_their_own_grid(qwen):
+    """Qwen2.5-VL video: two temporal patch groups of a 4 x 2 merged grid; each frame keeps ADSC's
+    lattice of its own grid (rule written here), against the uncached stock loop with the model's
+    own video features and ``get_rope_index``."""
+    if qwen.config.model_type != "qwen2_5_vl":
+        pytest.skip("Qwen3-VL's processor puts timestamp tokens between frames: each frame is then an image")
+    frames, h, w = 2, 8, 4
+    tokens = frames * h * w // 4
+    ids = torch.tensor([[5, 6, START] + [VIDEO] * tokens + [END, 9, 10]])
+    types = (ids == VIDEO).int() * 2
+    pixels = torch.randn(frames * h * w, PATCH_DIM, generator=torch.Generator().manual_seed(6))
+    thw = torch.tensor([[frames, h, w]])
+    layers, ratio = [1, 3], 0.5
+    with pruning(qwen, PruningSpec("adsc", drop_ratio=ratio, layers=tuple(layers))) as session, torch.no_grad():
+        out = qwen.generate(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=thw, mm_token_type_ids=types,
+                            max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                            output_logits=True, suppress_tokens=[IMAGE, VIDEO, START, END])
+    grid = (h // 2, w // 2)
+    counts = _counts(layers, ratio, [grid[0] * grid[1]])[0]
+    lattice = reference_uniform_2d(grid[0], grid[1], counts)
+    first = int(torch.nonzero(ids[0] == VIDEO)[0])
+    expected = [sorted(first + f * 8 + i for f in range(frames) for i in lattice[stage]) for stage in range(2)]
+    assert [stage[0].tolist() for stage in session.trace.kept_vision_positions[1:]] == expected
+    inner, text = qwen.model, qwen.model.language_model
+    sequence = ids
+    with torch.no_grad():
+        features = torch.cat(inner.get_video_features(pixels, thw, return_dict=True).pooler_output)
+        for step in range(STEPS):
+            types = (sequence == VIDEO).int() * 2
+            embeds = text.embed_tokens(sequence).masked_scatter((sequence == VIDEO)[..., None].expand(
+                *sequence.shape, features.shape[-1]), features)
+            positions, _ = inner.get_rope_index(sequence, mm_token_type_ids=types, video_grid_thw=thw)
+            hidden, index = embeds, torch.arange(sequence.shape[1])
+            for layer_idx, layer in enumerate(text.layers):
+                if layer_idx in layers:
+                    keep = set(expected[layers.index(layer_idx)])
+                    survive = torch.tensor([int(sequence[0, i]) != VIDEO or int(i) in keep for i in index])
+                    hidden, index = hidden[:, survive], index[survive]
+                result = layer(hidden, attention_mask=_causal(hidden.shape[1]),
+                               position_embeddings=text.rotary_emb(hidden, positions[:, :, index]))
+                hidden = result[0] if isinstance(result, tuple) else result
+            reference = qwen.lm_head(text.norm(hidden))[0, -1]
+            torch.testing.assert_close(out.logits[step][0], reference, atol=1e-4, rtol=1e-4)
+            sequence = torch.cat([sequence, out.sequences[:, ids.shape[1] + step:ids.shape[1] + step + 1]], dim=1)
