@@ -167,6 +167,8 @@ class PruningTrace:
         merge_groups: pre-LLM methods only (``prune_layers`` empty, one stage): ``(images,
             N)`` the vision token each original patch of each image (in batch order) went
             into, ``-1`` if dropped (``reduction.VisionReduction.groups``).
+        images: per row, ``(positions, grid)`` of every image the loop pruned (its input
+            positions and its 2-D grid or ``None``); ``None`` when none were (no vision).
     """
 
     prune_layers: tuple[int, ...]
@@ -175,10 +177,28 @@ class PruningTrace:
     padded_length_per_layer: list[int]
     token_positions: torch.Tensor
     merge_groups: torch.Tensor | None = None
+    images: list[list[tuple]] | None = None
 
     def kept_at(self, prune_layer: int) -> list[torch.Tensor]:
         """Per row, positions of the vision tokens that enter ``prune_layer``."""
         return self.kept_vision_positions[self.prune_layers.index(prune_layer) + 1]
+
+    def tokens_per_image_per_layer(self, num_layers: int) -> list[list[list[int]]]:
+        """``[row][image][layer]``: the vision tokens of each image each decoder layer ran on
+        (images of different sizes each have their own schedule)."""
+        bounds = list(zip((0, *self.prune_layers), (*self.prune_layers, num_layers)))
+        out = []
+        for row, row_images in enumerate(self.images or []):
+            per_image = []
+            for positions, _ in row_images:
+                mine = set(positions)
+                counts = []
+                for stage, (first, end) in enumerate(bounds):
+                    kept = sum(1 for p in self.kept_vision_positions[stage][row].tolist() if p in mine)
+                    counts += [kept] * (end - first)
+                per_image.append(counts)
+            out.append(per_image)
+        return out
 
 
 @dataclass
@@ -636,6 +656,7 @@ def pruned_decoder_forward(
         tokens_per_layer=tokens_per_layer,
         padded_length_per_layer=padded_lengths,
         token_positions=slot_index.detach().cpu(),
+        images=layout,
     )
     record_prefill_trace(decoder, trace)
     if on_trace is not None:

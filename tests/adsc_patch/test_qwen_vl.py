@@ -212,6 +212,12 @@ def test_a_budget_fraction_is_solved_for_each_image_from_its_own_size(qwen):
         expected = solve_drop_ratio(LAYERS, n, layers, 0.5 * n).stage_tokens
         got = [len(image & set(stage[0].tolist())) for stage in session.trace.kept_vision_positions]
         assert got == list(expected), (n, got, expected)
+    per_layer = session.trace.tokens_per_image_per_layer(LAYERS)[0]
+    assert [len(positions) for positions, _ in session.trace.images[0]] == [12, 20, 4]
+    for (_, grid), counts, (h, w) in zip(session.trace.images[0], per_layer, grids):
+        n = h * w // 4
+        assert grid == (h // 2, w // 2)
+        assert counts == list(solve_drop_ratio(LAYERS, n, layers, 0.5 * n).tokens_per_layer)
 
 
 def test_a_left_padded_batch_of_prompts_with_different_images_equals_each_prompt_alone(qwen):
