@@ -268,9 +268,12 @@ def _multimodal_forward(self, *args, **kwargs):
     travel into the vision tower."""
     cache = compat.take_cache(kwargs, where=f"{type(self).__name__}.forward")
     compat.reject_stray_cache(kwargs, f"{type(self).__name__}.forward")
-    call = inspect.signature(type(self).forward).bind_partial(self, *args, **kwargs).arguments
-    call.pop("self", None)
-    call.update(call.pop("kwargs", {}))
+    signature = inspect.signature(type(self).forward)
+    call = signature.bind_partial(self, *args, **kwargs).arguments
+    call.pop(next(iter(signature.parameters)), None)  # self
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(call.pop(name, {}))
     adapter = adapter_for(self)
     input_ids, inputs_embeds = call.get("input_ids"), call.get("inputs_embeds")
     # only a call that brings images has image tokens (a generated token may carry the image id)
