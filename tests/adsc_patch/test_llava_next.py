@@ -19,7 +19,7 @@ from transformers.models.llava_next.modeling_llava_next import (get_anyres_image
 from adsc_patch import PruningSpec, pruning
 from tests.helpers import reference_uniform_2d
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.compat, pytest.mark.usefixtures("one_thread")]
 
 IMAGE, SIDE, TILE = 100, 4, 16  # image token id; 4 x 4 patches of a 16-px tile
 PINPOINTS = [[16, 32], [32, 16], [32, 32]]

@@ -19,7 +19,7 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
 from adsc_patch import PruningSpec, ScheduleError, apply_adsc, last_trace, pruning, remove_adsc, solve_drop_ratio
 from tests.helpers import reference_uniform_2d
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.compat, pytest.mark.usefixtures("one_thread")]
 
 IMAGE, VIDEO, START, END = 100, 101, 102, 103
 LAYERS = 6
