@@ -130,12 +130,7 @@ class LlavaHfAdapter(ModelAdapter):
     def parts(self, model) -> ModelParts:
         from transformers import LlavaForConditionalGeneration, LlavaModel
 
-        if isinstance(model, LlavaForConditionalGeneration):
-            return ModelParts(model, model.model, model.model.language_model)
-        if isinstance(model, LlavaModel):
-            return ModelParts(None, model, model.language_model)
-        raise TypeError(f"model_type llava: expected transformers' LlavaForConditionalGeneration or LlavaModel, "
-                        f"got {type(model).__name__}")
+        return _outer_or_inner(model, LlavaForConditionalGeneration, LlavaModel, "llava")
 
     def image_layout(self, model) -> ImageLayout:
         config = self.parts(model).multimodal.config
@@ -173,12 +168,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 
         compat.check_qwen_vl_layout(Qwen2_5_VLModel)
-        if isinstance(model, Qwen2_5_VLForConditionalGeneration):
-            return ModelParts(model, model.model, model.model.language_model)
-        if isinstance(model, Qwen2_5_VLModel):
-            return ModelParts(None, model, model.language_model)
-        raise TypeError(f"model_type qwen2_5_vl: expected transformers' Qwen2_5_VLForConditionalGeneration or "
-                        f"Qwen2_5_VLModel, got {type(model).__name__}")
+        return _outer_or_inner(model, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel, "qwen2_5_vl")
 
     def image_layout(self, model) -> ImageLayout:
         return ImageLayout(None, None)
@@ -255,12 +245,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLTextModel
 
         compat.check_qwen_vl_layout(Qwen3VLModel, Qwen3VLTextModel)
-        if isinstance(model, Qwen3VLForConditionalGeneration):
-            return ModelParts(model, model.model, model.model.language_model)
-        if isinstance(model, Qwen3VLModel):
-            return ModelParts(None, model, model.language_model)
-        raise TypeError(f"model_type qwen3_vl: expected transformers' Qwen3VLForConditionalGeneration or "
-                        f"Qwen3VLModel, got {type(model).__name__}")
+        return _outer_or_inner(model, Qwen3VLForConditionalGeneration, Qwen3VLModel, "qwen3_vl")
 
     def layer_additions(self, language_model_kwargs: dict) -> dict[int, torch.Tensor] | None:
         mask = language_model_kwargs.pop("visual_pos_masks", None)
@@ -290,12 +275,7 @@ class LlavaNextAdapter(LlavaHfAdapter):
     def parts(self, model) -> ModelParts:
         from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
 
-        if isinstance(model, LlavaNextForConditionalGeneration):
-            return ModelParts(model, model.model, model.model.language_model)
-        if isinstance(model, LlavaNextModel):
-            return ModelParts(None, model, model.language_model)
-        raise TypeError(f"model_type llava_next: expected transformers' LlavaNextForConditionalGeneration or "
-                        f"LlavaNextModel, got {type(model).__name__}")
+        return _outer_or_inner(model, LlavaNextForConditionalGeneration, LlavaNextModel, "llava_next")
 
     def image_layout(self, model) -> ImageLayout:
         return ImageLayout(None, None)
@@ -343,18 +323,24 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def parts(self, model) -> ModelParts:
         from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
-        if isinstance(model, LlavaOnevisionForConditionalGeneration):
-            return ModelParts(model, model.model, model.model.language_model)
-        if isinstance(model, LlavaOnevisionModel):
-            return ModelParts(None, model, model.language_model)
-        raise TypeError(f"model_type llava_onevision: expected transformers' LlavaOnevisionForConditionalGeneration "
-                        f"or LlavaOnevisionModel, got {type(model).__name__}")
+        return _outer_or_inner(model, LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, "llava_onevision")
 
 
 def _grids(grid_thw, merge: int):
     """``(frames, (rows, cols))`` of each ``(t, h, w)`` row of a Qwen grid tensor (``None``: none)."""
     for t, h, w in ([] if grid_thw is None else grid_thw.tolist()):
         yield t, (h // merge, w // merge)
+
+
+def _outer_or_inner(model, outer_cls, inner_cls, model_type: str) -> ModelParts:
+    """The parts of a transformers VLM given as its outer ``...ForConditionalGeneration`` (``model.model``
+    the multimodal model) or as that inner model; ``TypeError`` naming both otherwise."""
+    if isinstance(model, outer_cls):
+        return ModelParts(model, model.model, model.model.language_model)
+    if isinstance(model, inner_cls):
+        return ModelParts(None, model, model.language_model)
+    raise TypeError(f"model_type {model_type}: expected transformers' {outer_cls.__name__} or {inner_cls.__name__}, "
+                    f"got {type(model).__name__}")
 
 
 _ADAPTERS: dict[str, ModelAdapter] = {}
