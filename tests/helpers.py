@@ -103,3 +103,12 @@ def reference_uniform_2d(h, w, counts):
             chosen.add(free[f])
         sets[stage] = tuple(sorted(chosen))
     return tuple(sets)
+
+
+def eager_model(cls, config, seed: int = 0):
+    """A tiny random ``cls(config)`` in eval mode with eager attention in the model and its text
+    model (the references ask the attention modules for their weights)."""
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    return cls(config).eval()

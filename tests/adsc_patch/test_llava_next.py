@@ -17,7 +17,7 @@ from transformers.models.llava_next.modeling_llava_next import (get_anyres_image
                                                                  image_size_to_num_patches, unpad_image)
 
 from adsc_patch import PruningSpec, pruning
-from tests.helpers import reference_uniform_2d
+from tests.helpers import eager_model, reference_uniform_2d
 
 pytestmark = [pytest.mark.compat, pytest.mark.usefixtures("one_thread")]
 
@@ -53,11 +53,7 @@ def _llava_onevision():
 
 @pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
 def next_model(request):
-    torch.manual_seed(0)
-    cls, config = {"llava_next": _llava_next, "llava_onevision": _llava_onevision}[request.param]()
-    config._attn_implementation = "eager"
-    config.text_config._attn_implementation = "eager"
-    return cls(config).eval()
+    return eager_model(*{"llava_next": _llava_next, "llava_onevision": _llava_onevision}[request.param]())
 
 
 def _layout(height, width):

@@ -17,7 +17,7 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen3VLForConditionalGeneration)
 
 from adsc_patch import PruningSpec, ScheduleError, apply_adsc, last_trace, pruning, remove_adsc, solve_drop_ratio
-from tests.helpers import reference_uniform_2d
+from tests.helpers import eager_model, reference_uniform_2d
 
 pytestmark = [pytest.mark.compat, pytest.mark.usefixtures("one_thread")]
 
@@ -58,11 +58,7 @@ def _qwen3_vl():
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
 def qwen(request):
-    torch.manual_seed(0)
-    cls, config = {"qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl}[request.param]()
-    config._attn_implementation = "eager"
-    config.text_config._attn_implementation = "eager"
-    return cls(config).eval()
+    return eager_model(*{"qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl}[request.param]())
 
 
 def _prompt(grids, seed=0):
