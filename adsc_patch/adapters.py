@@ -102,6 +102,15 @@ class ModelAdapter:
     def vocab_size(self, model) -> int:
         return self.language_model(model).config.vocab_size
 
+    def vision_tower(self, model):
+        """The vision encoder (frozen by a fine-tune, never quantised)."""
+        raise NotImplementedError(f"{self.name}: no vision tower known")
+
+    def projectors(self, model) -> list:
+        """The modules between the vision tower and the language model, which a fine-tune trains
+        in full beside the language model's LoRA."""
+        raise NotImplementedError(f"{self.name}: no projector known")
+
 
 class LlavaLlamaAdapter(ModelAdapter):
     """``llava.LlavaLlamaForCausalLM`` (upstream LLaVA-1.5's layout): prunes by its config."""
@@ -154,6 +163,12 @@ class LlavaHfAdapter(ModelAdapter):
     def vocab_size(self, model) -> int:
         return self.parts(model).multimodal.config.text_config.vocab_size
 
+    def vision_tower(self, model):
+        return self.parts(model).multimodal.vision_tower
+
+    def projectors(self, model) -> list:
+        return [self.parts(model).multimodal.multi_modal_projector]
+
 
 class Qwen2_5_VLAdapter(ModelAdapter):
     """transformers' ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2_5_VLModel``: dynamic
@@ -172,6 +187,14 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
     def image_layout(self, model) -> ImageLayout:
         return ImageLayout(None, None)
+
+    def vision_tower(self, model):
+        return self.parts(model).multimodal.visual
+
+    def projectors(self, model) -> list:
+        """The merger (inside ``visual``; Qwen3-VL: and each DeepStack merger)."""
+        visual = self.vision_tower(model)
+        return [visual.merger, *getattr(visual, "deepstack_merger_list", ())]
 
     def vision_mask(self, multimodal, input_ids=None, inputs_embeds=None) -> torch.Tensor | None:
         if input_ids is None:

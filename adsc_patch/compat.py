@@ -60,6 +60,7 @@ __all__ = [
     "reject_stray_cache",
     "resolve_layout",
     "take_cache",
+    "processor_without_video",
 ]
 
 logger = logging.getLogger(__name__)
@@ -332,3 +333,33 @@ def check_qwen_vl_layout(*classes) -> None:
 
 
 _CHECKED: set[str] = set()
+
+
+# transformers builds a multimodal processor only with every part it declares; the video
+# processors of Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision need torchvision, and without it
+# ``AutoProcessor`` cannot build even the image path (``ProcessorMixin.__init__`` checks each
+# part's class against a registry that is empty then). Images alone need no video processor.
+def processor_without_video(processor_cls, image_processor, tokenizer, chat_template: str | None,
+                            settings: dict | None = None):
+    """``processor_cls`` built from its image processor and tokenizer alone, its video
+    processor ``None`` (for images only: a video raises inside transformers). What
+    ``AutoProcessor`` gives where torchvision is installed; here the per-part class check of
+    ``ProcessorMixin.__init__`` is skipped for this one instance. ``settings``: the checkpoint's
+    ``processor_config.json``, those of its keys the processor's ``__init__`` takes."""
+    taken = set(inspect.signature(processor_cls.__init__).parameters) - {"self", "image_processor", "tokenizer",
+                                                                          "video_processor", "chat_template"}
+    extra = {key: value for key, value in (settings or {}).items() if key in taken}
+    if "video_processor" not in processor_cls.get_attributes():
+        return processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                             **extra)
+    processor = processor_cls.__new__(processor_cls)
+    processor.check_argument_for_proper_class = lambda name, argument: None
+    try:
+        processor_cls.__init__(processor, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                               chat_template=chat_template, **extra)
+    except TypeError as error:
+        raise TransformersLayoutError(f"transformers {transformers.__version__}: {processor_cls.__name__} cannot be "
+                                      f"built without its video processor ({error}); install torchvision") from error
+    finally:
+        processor.__dict__.pop("check_argument_for_proper_class", None)
+    return processor

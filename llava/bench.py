@@ -26,6 +26,15 @@ Weights are random at a real model's shape (``--shape llava-1.5-7b``); ``--layer
 prune layers at their relative depths. Writes ``bench.json`` (rows + machine, versions and
 settings), ``bench.md`` and ``bench.png`` (time and KV against mean vision tokens, one line
 per method). ``--smoke`` runs a tiny shape end to end in seconds.
+
+``--shape qwen2.5-vl-7b`` builds transformers' own ``Qwen2_5_VLForConditionalGeneration`` at
+that shape (random weights, directly on the device in ``--dtype``) with one ``--image-size``
+image (its grid by the processor's resize rule, ``adsc_patch.profile.image_tokens``) and runs
+the full model and adsc / fastv / pdrop at each ``--budget-fractions``: ``ttft_ms`` (the whole
+prefill), ``vision_ms`` (tower + merger alone), ``prefill_ms`` (their difference: the language
+model's share), ``decode_tokens_per_s`` (from ``generate`` less the prefill), and the cache's
+bytes after the prefill and after ``generate`` beside the profile's prediction. With
+``--smoke``: a tiny Qwen2.5-VL on the CPU.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from adsc_patch import PRUNE_METHODS, ScheduleError, compat
+from adsc_patch import IN_LLM_METHODS, PRUNE_METHODS, ScheduleError, compat, get_method
 from adsc_patch.cache import cache_nbytes
 from adsc_patch.profile import PRESETS, ModelShape, Workload, model_cost, parameter_count
 
@@ -425,6 +434,253 @@ def plot(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------- Qwen2.5-VL (transformers' class)
+QWEN_SHAPES = ("qwen2.5-vl-7b",)
+QWEN_SMOKE = dict(layers=8, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512, mrope_section=[2, 3, 3],
+                  tower_layers=4, tower_hidden=32, tower_intermediate=48, tower_heads=2, patch_size=4,
+                  window_size=16, full_attention_layers=[1, 3], out_hidden=64)
+
+
+def qwen_sizes(args) -> dict:
+    """The Qwen2.5-VL run's sizes: the preset's (decoder layers by ``--layers``), or the smoke's."""
+    if args.smoke:
+        return dict(QWEN_SMOKE)
+    if args.width_scale != 1.0:
+        raise InputError(f"--width-scale: the {args.shape} bench runs the real widths (use --layers to shrink it)")
+    shape = PRESETS[args.shape]
+    d, t = shape.decoder, shape.tower
+    return dict(layers=args.layers or d.num_layers, hidden=d.hidden_size, intermediate=d.intermediate_size,
+                heads=d.num_heads, kv_heads=d.num_kv_heads, vocab=d.vocab_size, mrope_section=[16, 24, 24],
+                tower_layers=t.num_layers, tower_hidden=t.hidden_size, tower_intermediate=t.intermediate_size,
+                tower_heads=16, patch_size=t.patch_size, window_size=t.window_size,
+                full_attention_layers=list(t.full_attention_layers), out_hidden=shape.projector.out_features)
+
+
+def qwen_config(sizes: dict, attention: str):
+    """The ``Qwen2_5_VLConfig`` of a random-weight model of these sizes (image token ids at the
+    top of the vocabulary)."""
+    from transformers import Qwen2_5_VLConfig
+
+    vocab = sizes["vocab"]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"],
+                         num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
+                         num_key_value_heads=sizes["kv_heads"], max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": sizes["mrope_section"]},
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0),
+        vision_config=dict(depth=sizes["tower_layers"], hidden_size=sizes["tower_hidden"],
+                           intermediate_size=sizes["tower_intermediate"], num_heads=sizes["tower_heads"],
+                           out_hidden_size=sizes["out_hidden"], patch_size=sizes["patch_size"], spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3, window_size=sizes["window_size"],
+                           fullatt_block_indexes=sizes["full_attention_layers"]),
+        image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+        vision_end_token_id=vocab - 1,
+    )
+    config._attn_implementation = attention
+    return config
+
+
+def build_qwen_model(sizes: dict, attention: str, dtype: torch.dtype, device: str):
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration``, built on ``device`` in ``dtype``."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(sizes, attention), dtype=dtype)
+    return model.eval()
+
+
+def qwen_memory_needed_bytes(shape: ModelShape, dtype: torch.dtype, batch: int, sequence: int) -> int:
+    """Weights (built in ``dtype``), the KV cache of the largest batch, plus a fifth for the
+    activations (the tower's included) and allocator slack."""
+    size = torch.finfo(dtype).bits // 8
+    d = shape.decoder
+    kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * batch * sequence * size
+    return int(1.2 * (parameter_count(shape) * size + kv))
+
+
+class QwenSetting:
+    """One (method, budget fraction, batch) on a Qwen2.5-VL model: ``batch`` identical prompts of
+    ``text_tokens`` text tokens around one image (its patches random, its grid the profile's)."""
+
+    def __init__(self, model, shape: ModelShape, method: str | None, fraction: float | None, batch: int, args,
+                 image_size: tuple[int, int]):
+        from adsc_patch import PruningSpec
+        from adsc_patch.profile import image_tokens
+
+        self.model, self.shape, self.method, self.fraction, self.batch, self.args = (
+            model, shape, method, fraction, batch, args)
+        self.spec = None if method is None else PruningSpec(method, budget_fraction=fraction)
+        config = model.config
+        image = image_tokens(shape, *image_size)
+        (rows, cols), = image.tower_inputs
+        generator = torch.Generator().manual_seed(1)
+        text = torch.randint(3, config.image_token_id, (batch, args.text_tokens), generator=generator)
+        start, end = (torch.full((batch, 1), token) for token in (config.vision_start_token_id,
+                                                                   config.vision_end_token_id))
+        ids = torch.cat([text[:, :1], start, torch.full((batch, image.vision_tokens), config.image_token_id), end,
+                         text[:, 1:]], dim=1).to(args.device)
+        patch = 3 * config.vision_config.temporal_patch_size * config.vision_config.patch_size ** 2
+        self.inputs = dict(
+            input_ids=ids, attention_mask=torch.ones_like(ids),
+            pixel_values=torch.randn(batch * rows * cols, patch, generator=generator).to(args.device, model.dtype),
+            image_grid_thw=torch.tensor([[1, rows, cols]] * batch, device=args.device),
+            mm_token_type_ids=(ids == config.image_token_id).int())
+        self.workload = Workload(ids.shape[1] - image.vision_tokens, 1, args.new_tokens, batch,
+                                 torch.finfo(model.dtype).bits // 8, *image_size)
+        self.image = image
+        self.ttft_times: list[float] = []
+        self.vision_times: list[float] = []
+
+    def session(self):
+        """The pruning of this setting (a no-op context for the full model)."""
+        import contextlib
+
+        from adsc_patch import pruning
+
+        return contextlib.nullcontext() if self.spec is None else pruning(self.model, self.spec)
+
+    def first_token(self):
+        """The whole prefill: tower, merger, splice, decoder, the last position's logits."""
+        with self.session():
+            return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+
+    def vision(self):
+        inputs = self.inputs
+        return self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+
+    def generate_ms(self) -> tuple[float, int]:
+        """Wall time of ``generate`` of ``new_tokens`` and the bytes of its cache after them."""
+        with self.session():
+            _sync(self.args.device)
+            start = time.perf_counter()
+            out = self.model.generate(**self.inputs, max_new_tokens=self.args.new_tokens,
+                                      min_new_tokens=self.args.new_tokens, do_sample=False,
+                                      return_dict_in_generate=True)
+            _sync(self.args.device)
+        return 1000 * (time.perf_counter() - start), cache_nbytes(compat.output_cache(out))
+
+
+def measure_qwen(settings: list[QwenSetting], args, bar) -> list[dict]:
+    """Time every setting in rounds (as ``measure_all``); KV bytes after the prefill and after
+    ``generate`` beside the profile's prediction for the same prompt."""
+    device = args.device
+    with torch.inference_mode():
+        for setting in settings:  # warm-up; the caches
+            setting.measured_kv = cache_nbytes(compat.output_cache(setting.first_token()))
+            setting.vision()
+            setting.generate_time, setting.measured_peak_kv = setting.generate_ms()
+        for round_ in range(args.repeats):
+            start = round_ % len(settings)
+            for setting in settings[start:] + settings[:start]:
+                setting.ttft_times.append(_timed(setting.first_token, device))
+                setting.vision_times.append(_timed(setting.vision, device))
+    rows = []
+    for setting in settings:
+        cost = model_cost(setting.shape, setting.method, None, setting.workload, budget_fraction=setting.fraction)
+        ttft, vision = statistics.median(setting.ttft_times), statistics.median(setting.vision_times)
+        steps, batch = args.new_tokens - 1, setting.batch
+        rows.append({
+            "method": setting.method or "full", "budget": None, "budget_fraction": setting.fraction, "batch": batch,
+            "attention": setting.model.config._attn_implementation,
+            "vision_tokens_per_image": setting.image.vision_tokens, "mean_vision_tokens": cost.mean_vision_tokens,
+            "kept_after_last_stage": cost.kept_after_last_stage,
+            "ttft_ms": ttft, "vision_ms": vision, "prefill_ms": ttft - vision,
+            "decode_tokens_per_s": batch * steps / ((setting.generate_time - ttft) / 1000)
+            if steps and setting.generate_time > ttft else None,
+            "measured_kv_bytes": setting.measured_kv, "predicted_kv_bytes": cost.kv_bytes_after_prefill,
+            "measured_peak_kv_bytes": setting.measured_peak_kv, "predicted_peak_kv_bytes": cost.kv_peak_bytes,
+            "prefill_flops": cost.prefill_flops + cost.scoring_flops,
+            "ttft_flops": cost.tower_flops + cost.projector_flops + cost.scoring_flops + cost.prefill_flops,
+        })
+        bar.update()
+    full = {(r["batch"], r["attention"]): r for r in rows if r["method"] == "full"}
+    for r in rows:
+        base = full[(r["batch"], r["attention"])]
+        for key in ("ttft", "prefill"):
+            r[f"{key}_relative"] = 100 * r[f"{key}_ms"] / base[f"{key}_ms"]
+            r[f"{key}_analytic_relative"] = 100 * r[f"{key}_flops"] / base[f"{key}_flops"]
+        r["kv_relative"] = 100 * r["measured_kv_bytes"] / base["measured_kv_bytes"]
+    return rows
+
+
+def qwen_markdown(rows: list[dict], header: dict) -> str:
+    cols = ["attention", "batch", "method", "budget fraction", "mean vision tokens", "TTFT ms", "rel. (%)",
+            "analytic (%)", "vision ms", "prefill ms (TTFT - vision)", "rel. (%)", "analytic (%)", "decode tok/s",
+            "KV MB after prefill (measured = predicted)", "rel. (%)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+
+    def num(x, fmt="{:.1f}"):
+        return "—" if x is None else fmt.format(x)
+
+    for r in rows:
+        same = "=" if r["measured_kv_bytes"] == r["predicted_kv_bytes"] else "!="
+        lines.append("| " + " | ".join([
+            r["attention"], str(r["batch"]), r["method"], num(r["budget_fraction"], "{:g}"),
+            num(r["mean_vision_tokens"]), num(r["ttft_ms"]), num(r["ttft_relative"]), num(r["ttft_analytic_relative"]),
+            num(r["vision_ms"]), num(r["prefill_ms"]), num(r["prefill_relative"]), num(r["prefill_analytic_relative"]),
+            num(r["decode_tokens_per_s"]), f"{r['measured_kv_bytes'] / 1e6:.2f} {same}", num(r["kv_relative"])]) + " |")
+    h = header
+    lines += ["", f"{h['shape']}, {h['dtype']} on {h['device_name']}; {h['text_tokens']} text tokens + one "
+              f"{h['image_size']} image, {h['new_tokens']} generated tokens; medians of {h['repeats']} after a "
+              f"warm-up; torch {h['versions']['torch']}, transformers {h['versions']['transformers']}. "
+              f"`python -m llava.bench {h['argv']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def run_qwen(args, dtype: torch.dtype, argv: list[str]) -> dict:
+    """The Qwen2.5-VL bench: full and each in-decoder method at each budget fraction."""
+    from adsc_patch.profile import image_tokens, parse_image_size
+
+    methods = _list(args.methods)
+    if args.methods == ",".join(PRUNE_METHODS):  # the default: the released in-decoder methods
+        methods = [m for m in IN_LLM_METHODS if get_method(m).variant_of is None]
+    outside = [m for m in methods if m not in IN_LLM_METHODS]
+    if outside:
+        raise InputError(f"--methods {outside}: the Qwen2.5-VL patch runs {', '.join(IN_LLM_METHODS)} only")
+    fractions = _list(args.budget_fractions, float)
+    try:
+        image_size = parse_image_size(args.image_size or ("64x64" if args.smoke else "1024x768"))
+    except ValueError as error:
+        raise InputError(f"--image-size: {error}") from None
+    if args.smoke:
+        args.repeats, args.new_tokens = 1, min(args.new_tokens, 3)
+        args.batches = "1,2" if args.batches == "1,8" else args.batches
+    sizes = qwen_sizes(args)
+    attentions, batches = _list(args.attention), _list(args.batches, int)
+    combos = [(None, None)] + [(m, f) for m in methods for f in fractions]
+    rows = []
+    with tqdm(total=len(attentions) * len(batches) * len(combos), desc="bench") as bar:
+        for attention in attentions:
+            shape = ModelShape.from_config(qwen_config(sizes, attention))
+            sequence = args.text_tokens + 2 + image_tokens(shape, *image_size).vision_tokens + args.new_tokens
+            needed, free = qwen_memory_needed_bytes(shape, dtype, max(batches), sequence), \
+                available_memory_bytes(args.device)
+            if needed > free:
+                raise InputError(f"the {args.shape} shape in {str(dtype).removeprefix('torch.')} at batch "
+                                 f"{max(batches)} needs about {needed / 1e9:.1f} GB and {args.device} has "
+                                 f"{free / 1e9:.1f} GB available: try --smoke or --layers")
+            model = build_qwen_model(sizes, attention, dtype, args.device)
+            for batch in batches:
+                settings = [QwenSetting(model, shape, m, f, batch, args, image_size) for m, f in combos]
+                try:
+                    rows += measure_qwen(settings, args, bar)
+                except ScheduleError as error:
+                    raise InputError(str(error)) from None
+            del model
+    header = {
+        "shape": f"{'smoke qwen2.5-vl' if args.smoke else args.shape} ({sizes['layers']} layers, hidden "
+                 f"{sizes['hidden']}; tower {sizes['tower_layers']} x {sizes['tower_hidden']}, "
+                 f"{rows[0]['vision_tokens_per_image']} vision tokens)",
+        "sizes": sizes, "dtype": str(dtype).removeprefix("torch."), "device": args.device,
+        "device_name": _device_name(args.device), "image_size": f"{image_size[0]}x{image_size[1]}",
+        "text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "versions": _versions(), "argv": " ".join(argv),
+    }
+    return _write(args, {"header": header, "rows": rows, "markdown": qwen_markdown(rows, header)})
+
+
 def _list(text: str, kind=str) -> list:
     return [kind(x) for x in text.split(",") if x.strip()]
 
@@ -436,6 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width-scale", type=float, default=1.0, help="scale widths and heads (head size kept)")
     parser.add_argument("--methods", default=",".join(PRUNE_METHODS), help="comma-separated; full is always run")
     parser.add_argument("--budgets", default="192,128,64", help="mean vision tokens per decoder layer")
+    parser.add_argument("--budget-fractions", default="0.5,0.333", help=f"{', '.join(QWEN_SHAPES)}: fractions of "
+                        "the image's vision tokens (the model's budget_fraction)")
+    parser.add_argument("--image-size", default=None, help=f"{', '.join(QWEN_SHAPES)}: WIDTHxHEIGHT of the image "
+                        "(default 1024x768; --smoke 64x64)")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--attention", default="sdpa", help="comma-separated: eager, sdpa, flash_attention_2")
     parser.add_argument("--text-tokens", type=int, default=60)
@@ -461,6 +721,10 @@ def main(argv=None) -> dict:
     unknown = [m for m in methods if m not in PRUNE_METHODS]
     if unknown:
         raise InputError(f"--methods: unknown {unknown}; known: {', '.join(PRUNE_METHODS)}")
+    if args.shape in QWEN_SHAPES:
+        return run_qwen(args, dtype, argv)
+    if PRESETS[args.shape].resolution is not None:
+        raise InputError(f"--shape {args.shape}: the bench builds the LLaVA-1.5 shapes and {', '.join(QWEN_SHAPES)}")
     budgets = _list(args.budgets, float)
     if args.smoke:  # 36 vision tokens: the analogs of 192 / 128 / 64 that 8 layers can reach
         budgets = [18.0, 12.0, 10.0] if budgets == [192, 128, 64] else budgets
@@ -491,14 +755,27 @@ def main(argv=None) -> dict:
                  f"{sizes['heads']} heads, MLP {sizes['intermediate']}; tower {sizes['tower_layers']} x "
                  f"{sizes['tower_hidden']}, {(sizes['image_size'] // sizes['patch_size']) ** 2} vision tokens)",
         "sizes": sizes, "dtype": str(dtype).removeprefix("torch."), "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "device_name": _device_name(args.device),
         "text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__},
-        "argv": " ".join(argv),
+        "versions": _versions(), "argv": " ".join(argv),
     }
-    summary = {"header": header, "rows": rows, "markdown": markdown(rows, header)}
+    return _write(args, {"header": header, "rows": rows, "markdown": markdown(rows, header)})
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__}
+
+
+def _write(args, summary: dict) -> dict:
+    """``bench.json``, ``bench.md``, ``bench.png`` (and ``--json``) under ``--out``; prints the table."""
+    rows = summary["rows"]
     os.makedirs(args.out, exist_ok=True)
     write_json_atomic(os.path.join(args.out, "bench.json"), summary)
     write_text_atomic(os.path.join(args.out, "bench.md"), summary["markdown"])

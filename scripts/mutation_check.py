@@ -10,7 +10,7 @@ the file back. A mutation *survives* when its tests all pass: the suite has a ho
 report is a Markdown table; the exit code is 1 when any mutation survives or no longer
 applies (the code changed under it: update its text).
 
-Not part of CI's run (32 bugs, about two minutes on two cores); ``tests/test_mutation_check.py``
+Not part of CI's run (36 bugs, about three minutes on two cores); ``tests/test_mutation_check.py``
 checks on every run that each mutation still applies and names existing tests.
 """
 
@@ -207,6 +207,27 @@ MUTATIONS: tuple[Mutation, ...] = (
              "                    row_spans.append((tuple(crops), (widths.pop(), len(lines))))",
              ("tests/adsc_patch/test_llava_next.py",),
              "LLaVA-NeXT's crop grid read as cols x rows (the lattice laid over the wrong shape)"),
+    Mutation("prune-keeps-an-extra-slot", "adsc_patch/decoder.py",
+             "    new_length = int(keep.sum(1).max())",
+             "    new_length = int(keep.sum(1).max()) + 1",
+             ("tests/adsc_patch/test_qwen_vl.py::test_each_layers_cache_holds_the_text_and_its_stages_vision_tokens",),
+             "each prune keeps one masked slot too many: logits unchanged, every later layer's cache longer"),
+    # ---- transformers' own VLMs in our entry points
+    Mutation("vlm-prompts-right-padded", "llava/model/vlm.py",
+             'padding=True, padding_side="left"',
+             'padding=True, padding_side="right"',
+             ("tests/llava/test_vlm_entry_points.py::test_a_left_padded_batch_of_prompts_gives_each_prompts_own_logits",),
+             "a batch of prompts padded on the right: generation continues after the shorter rows' padding"),
+    Mutation("vlm-mean-vision-tokens-of-row-0", "llava/model/vlm.py",
+             "trace.tokens_per_layer[row].float().mean() - text[row])",
+             "trace.tokens_per_layer[row].float().mean() - text[0])",
+             ("tests/llava/test_vlm_entry_points.py::test_the_benchmark_loader_answers_a_batch_as_each_question_alone_and_resumes",),
+             "every answer's mean vision tokens taken with the first prompt's text length"),
+    Mutation("vlm-chat-cost-image-transposed", "llava/serve/vlm_chat.py",
+             "        image = image_tokens(self.shape, width, height)",
+             "        image = image_tokens(self.shape, height, width)",
+             ("tests/llava/test_vlm_entry_points.py::test_the_demos_compare_api_answers_both_sides_as_the_stock_model",),
+             "the demo's FLOPs worked out for the image turned sideways"),
 )
 
 

@@ -55,6 +55,14 @@ def tiny_finetuned_dir(tiny_deep_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> str:
+    """A tiny transformers Qwen2.5-VL checkpoint (4 layers; processor, tokenizer, chat template)."""
+    from llava.tools.make_tiny_vlm import make_tiny_vlm
+
+    return make_tiny_vlm(str(tmp_path_factory.mktemp("tiny_qwen")), seed=0)
+
+
+@pytest.fixture(scope="session")
 def loaded_tiny(tiny_llava_dir):
     from llava.model.builder import load_pretrained_model
 

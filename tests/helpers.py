@@ -112,3 +112,23 @@ def eager_model(cls, config, seed: int = 0):
     config._attn_implementation = "eager"
     config.text_config._attn_implementation = "eager"
     return cls(config).eval()
+
+
+def cache_lengths_per_layer(cache) -> list[int]:
+    """The positions each decoder layer's KV cache holds, read off its key tensor (transformers
+    5.x: ``cache.layers[i].keys``, ``(batch, heads, length, head_dim)``)."""
+    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+
+
+def scheduled_cache_lengths(num_layers, prune_layers, rows, new_tokens) -> list[int]:
+    """What each layer's cache must hold after a cached greedy ``generate`` of ``new_tokens``
+    (the last generated token is never fed back, so ``new_tokens - 1`` decode positions),
+    written from the rule: layer ``l`` is in stage ``s`` = the prune layers at or before it;
+    ``rows``: per prompt row, ``(text tokens, [vision tokens entering stage 0, 1, ...])``. Stage
+    0 runs on the left-padded batch (the longest prompt's length); after a prune layer only
+    real kept tokens remain, shorter rows padded to the row keeping the most."""
+    out = []
+    for layer in range(num_layers):
+        stage = sum(1 for p in prune_layers if p <= layer)
+        out.append(max(text + vision[stage] for text, vision in rows) + new_tokens - 1)
+    return out

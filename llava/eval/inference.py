@@ -39,13 +39,15 @@ from adsc_patch.methods import DEFAULT_METHOD
 
 from ..constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from ..conversation import get_conv_template
-from ..cli import add_debug_arg
+from ..cli import InputError, add_debug_arg
 from ..mm_utils import (ImageLoadError, check_image, context_length, fit_new_tokens, get_model_name_from_path,
                         load_image, process_images, prompt_length_with_images, tokenizer_image_token)
 from ..model.builder import check_attention_implementation, load_pretrained_model, resolve_checkpoint
 from ..model.fingerprint import weights_fingerprint
+from ..model.vlm import (LoadedVlm, chat_messages, encode_prompts, generate_replies, is_transformers_vlm,
+                         load_transformers_vlm, mean_vision_tokens_per_row)
 from .io import EvalInputError, write_json_atomic
-from .pruning_args import add_pruning_args, apply_pruning_args
+from .pruning_args import add_pruning_args, apply_pruning_args, vlm_spec_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +389,8 @@ def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> st
     if args.model_base:
         fingerprint["base"] = weights_fingerprint(resolve_checkpoint(args.model_base, "model base"))
 
+    if is_transformers_vlm(args.model_path, args.model_base):
+        return _run_vlm_inference(args, questions, answers, pending, problems, policy, fingerprint)
     tokenizer, model, image_processor, _ = load_model_from_args(args)
     schedule = apply_pruning_args(model, args)
     model_name = get_model_name_from_path(args.model_path)
@@ -426,6 +430,96 @@ def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> st
             texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True)
             answers.append([_record(runnable[i], t.strip(), model_name) for i, t in zip(indices, texts)])
             progress.update(len(indices))
+
+    settings["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    settings["answered"] = len([q for q in questions if q.key in answers.done])
+    write_json_atomic(answers.settings_path, settings)
+    return args.answers_file
+
+
+def load_vlm_from_args(args: argparse.Namespace) -> LoadedVlm:
+    """``load_transformers_vlm`` with the flags of ``add_model_args``; the flags that only mean
+    something for LLaVA-1.5 (``--vision-tower``, ``--conv-mode``) are refused in one line."""
+    if getattr(args, "vision_tower", None):
+        raise InputError("--vision-tower: this checkpoint (a transformers VLM) brings its own vision tower")
+    if getattr(args, "conv_mode", None):
+        raise InputError("--conv-mode: this checkpoint (a transformers VLM) is prompted with its own chat template")
+    check_attention_implementation(args.attn_implementation, "--attn-implementation",
+                                   cuda=None if args.device is None else str(args.device).startswith("cuda"))
+    return load_transformers_vlm(args.model_path, args.model_base, device=args.device,
+                                 attn_implementation=args.attn_implementation, load_8bit=args.load_8bit,
+                                 load_4bit=args.load_4bit)
+
+
+def _vlm_settings(args, loaded: LoadedVlm, model_name: str, spec, n_questions: int) -> dict:
+    import transformers
+
+    model = loaded.model
+    return {
+        "model_path": args.model_path,
+        "model_base": args.model_base,
+        "vision_tower": None,
+        "quantization": "8bit" if args.load_8bit else "4bit" if args.load_4bit else None,
+        "model_id": model_name,
+        "model_type": model.config.model_type,
+        "question_file": os.path.abspath(args.question_file),
+        "chunk": [args.chunk_idx, args.num_chunks],
+        "questions_in_chunk": n_questions,
+        "conv_mode": f"chat template of {model.config.model_type}",
+        "generation": {
+            "temperature": args.temperature, "top_p": args.top_p, "num_beams": args.num_beams,
+            "max_new_tokens": args.max_new_tokens,
+        },
+        "pruning": spec.to_dict(),
+        "batch_size": args.batch_size,
+        "device": str(model.device),
+        "dtype": str(model.dtype),
+        "attn_implementation": model.config._attn_implementation,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def _run_vlm_inference(args, questions, answers: AnswerFile, pending, problems, policy: str, fingerprint: dict) -> str:
+    """``run_inference`` for a transformers VLM: prompts by its chat template and processor, the
+    pruning spec per call; the same answer file, resume, settings and bad-question rules."""
+    loaded = load_vlm_from_args(args)
+    spec = vlm_spec_from_args(loaded, args)
+    model_name = get_model_name_from_path(args.model_path)
+    settings = _vlm_settings(args, loaded, model_name, spec, len(questions))
+    settings["weights_fingerprint"] = fingerprint
+    answers.check_settings(settings)
+    settings["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_json_atomic(answers.settings_path, settings)
+    if len(pending) < len(questions):
+        logger.info("resuming: %d of %d questions already answered", len(questions) - len(pending), len(questions))
+    bad_keys = {q.key for q, _ in problems}
+    _handle_bad_questions(answers, problems, policy, model_name)
+    runnable = [q for q in pending if q.key not in bad_keys]
+    generation = generation_kwargs(args, loaded.tokenizer.pad_token_id)
+    with tqdm(total=len(runnable), desc=os.path.basename(args.answers_file), unit="q") as progress:
+        for first in range(0, len(runnable), args.batch_size):
+            batch, conversations, images, failed = [], [], [], []
+            for question in runnable[first:first + args.batch_size]:
+                try:
+                    image = [] if question.image is None else [load_image(os.path.join(args.image_folder, question.image))]
+                except ImageLoadError as error:
+                    failed.append((question, str(error)))
+                    continue
+                batch.append(question)
+                conversations.append(chat_messages([(question.query, None)], [len(image)]))
+                images.append(image)
+            _handle_bad_questions(answers, failed, policy, model_name)
+            progress.update(len(failed))
+            if not batch:
+                continue
+            inputs = encode_prompts(loaded, conversations, images)
+            fitted = fit_new_tokens(int(inputs["input_ids"].shape[1]), args.max_new_tokens, loaded.context_length,
+                                    "the question is too long for this model")
+            reply = generate_replies(loaded, inputs, spec, **dict(generation, max_new_tokens=fitted))
+            means = mean_vision_tokens_per_row(inputs, loaded.model.config.image_token_id, reply.trace)
+            answers.append([_record(q, text, model_name, {"mean_vision_tokens": round(mean, 3)})
+                            for q, text, mean in zip(batch, reply.texts, means)])
+            progress.update(len(batch))
 
     settings["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     settings["answered"] = len([q for q in questions if q.key in answers.done])

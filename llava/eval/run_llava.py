@@ -16,8 +16,9 @@ import torch
 from llava.cli import InputError, add_debug_arg, run_command
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER
 from llava.conversation import get_conv_template
-from llava.eval.inference import add_model_args, generation_kwargs, load_model_from_args
-from llava.eval.pruning_args import add_pruning_args, apply_pruning_args
+from llava.eval.inference import add_model_args, generation_kwargs, load_model_from_args, load_vlm_from_args
+from llava.eval.pruning_args import add_pruning_args, apply_pruning_args, vlm_spec_from_args
+from llava.model.vlm import chat_messages, encode_prompts, generate_replies, is_transformers_vlm
 from llava.mm_utils import (context_length, fit_new_tokens, load_image, process_images, prompt_length_with_images,
                             tokenizer_image_token)
 
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> str:
     if not args.query.strip():
         raise InputError("--query is empty: ask a question")
     images = [load_image(path) for path in args.image_file.split(args.sep)]
+    if is_transformers_vlm(args.model_path, args.model_base):
+        return _run_vlm(args, images)
     tokenizer, model, image_processor, _ = load_model_from_args(args)
     apply_pruning_args(model, args)
     conv_mode = args.conv_mode or model.config.conv_mode or "vicuna_v1"
@@ -90,6 +93,24 @@ def run(args: argparse.Namespace) -> str:
     if trace is not None and model.config.prune_layers:
         kept = [len(stage[0]) for stage in trace.kept_vision_positions]
         print(f"[vision tokens entering each stage: {kept}; tokens per layer: {trace.tokens_per_layer[0].tolist()}]")
+    return answer
+
+
+def _run_vlm(args: argparse.Namespace, images) -> str:
+    """``run`` for a transformers VLM: its own chat template and processor, the spec per call."""
+    loaded = load_vlm_from_args(args)
+    spec = vlm_spec_from_args(loaded, args)
+    query = args.query.replace(IMAGE_PLACEHOLDER, DEFAULT_IMAGE_TOKEN)
+    inputs = encode_prompts(loaded, [chat_messages([(query, None)], [len(images)])], [images])
+    generation = generation_kwargs(args, loaded.tokenizer.pad_token_id)
+    generation["max_new_tokens"] = fit_new_tokens(int(inputs["input_ids"].shape[1]), args.max_new_tokens,
+                                                  loaded.context_length, "shorten --query")
+    reply = generate_replies(loaded, inputs, spec, **generation)
+    answer = reply.texts[0]
+    print(answer)
+    if reply.trace is not None:
+        for index, image in enumerate(reply.trace.tokens_per_image_per_layer(loaded.num_layers)[0]):
+            print(f"[image {index + 1}: vision tokens per layer {list(image)}]")
     return answer
 
 

@@ -420,10 +420,11 @@ def _load_on_base(layout: str, model_path: str, model_base: str, config: LlavaCo
     return model.merge_and_unload()
 
 
-# Kept in full precision when the language model is quantised (upstream's choice): our names
-# and llava-hf's. Full module-name prefixes, because transformers 5 matches skip names from
+# Kept in full precision when the language model is quantised (upstream's choice): our names,
+# llava-hf's / LLaVA-NeXT's / OneVision's, and Qwen-VL's tower with its merger. Full module-name prefixes, because transformers 5 matches skip names from
 # the start of a module's name (or as its last part), not anywhere inside it.
-UNQUANTISED_MODULES = ("model.mm_projector", "model.multi_modal_projector", "model.vision_tower", "lm_head")
+UNQUANTISED_MODULES = ("model.mm_projector", "model.multi_modal_projector", "model.vision_tower", "model.visual",
+                       "lm_head")
 
 
 def bnb_quantization_config(bits: int, compute_dtype: torch.dtype, double_quant: bool = True, quant_type: str = "nf4"):

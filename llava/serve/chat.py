@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
-from adsc_patch import PruningTrace, compat, resolve
+from adsc_patch import PRUNE_METHODS, PruningTrace, compat, resolve
 from adsc_patch.cache import cache_nbytes
 from adsc_patch.profile import ModelShape, Workload, schedule_cost
 
@@ -158,7 +158,40 @@ class ChatEngine:
         tower = model.get_vision_tower()
         self.shape = ModelShape.from_config(model.config, tower.config)
         self.num_patches = tower.num_patches
+        self.num_layers = model.config.num_hidden_layers
         self.context_length = context_length(model.config)
+
+    # ------------------------------------------------------------------ what the demo shows
+    budget_label = "vision-token budget (reachable range)"
+    budget_step = 1.0
+    methods = PRUNE_METHODS  # what the compressed pane offers
+
+    def label(self, setting) -> str:
+        """``full``, ``adsc @ 13.4 · layers 1, 4``: what a pane runs under ``setting``."""
+        return self._label(setting)[2]
+
+    def prune_layers_for(self, method: str) -> tuple[int, ...]:
+        """The layers ``method`` prunes at on this checkpoint (its recorded ones where they fit)."""
+        return tuple(self.model.prune_layers_for(method))
+
+    def reachable_budgets(self, method: str, prune_layers=None) -> tuple[float, float]:
+        """The lowest and highest budget ``method`` reaches at ``prune_layers``."""
+        return self.model.reachable_budgets(method, prune_layers)
+
+    def default_choice(self) -> tuple[str, float | None]:
+        """``(method, budget)`` of ``default_setting`` (budget ``None``: none recorded)."""
+        default = self.default_setting()
+        return default.prune_method, default.vision_token_budget
+
+    def default_budget(self) -> float:
+        """The compressed pane's budget when nothing else says: a third of the vision tokens."""
+        return max(1, round(self.num_patches / 3))
+
+    def picture(self, image: Image.Image, trace: PruningTrace | None) -> Image.Image:
+        """What ``trace`` kept of ``image`` (``None``: the whole image)."""
+        from .picture import kept_patches_picture
+
+        return kept_patches_picture(image, trace, self.model.get_vision_tower().num_patches_per_side, self.num_layers)
 
     # ------------------------------------------------------------------ settings
     def setting(self, method: str | None, budget: float | None, prune_layers=None) -> PruningSetting:
@@ -177,7 +210,7 @@ class ChatEngine:
             return self.setting(recorded.prune_method, recorded.vision_token_budget, recorded.prune_layers)
         if recorded is not None:
             return recorded
-        return self.setting("adsc", max(1, round(self.num_patches / 3)))
+        return self.setting("adsc", self.default_budget())
 
     def warm_up(self, settings) -> None:
         """One short answer per setting on a grey image, so no reply's TTFT carries the first
@@ -213,21 +246,46 @@ class ChatEngine:
         return ids.to(self.model.device), pixels.to(self.model.device, self.model.dtype), max_new_tokens
 
     # ------------------------------------------------------------------ generation
+    def _generate(self, encoded, pruning: PruningSetting, streamer, max_new_tokens: int, temperature: float):
+        """``(generate's output, the call's trace)`` of one reply under ``pruning``."""
+        ids, pixels, _ = encoded
+        with torch.inference_mode(), self.model.pruned_as(pruning) as record:
+            out = self.model.generate(
+                ids, images=pixels, streamer=streamer, max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True)
+        return out, record.trace
+
+    def _reply_cost(self, encoded, pruning: PruningSetting, new_tokens: int):
+        """``(prompt text tokens, ModelCost)`` of one reply under ``pruning`` (the cost model)."""
+        prompt_tokens = int(encoded[0].shape[1]) - 1
+        method = pruning.prune_method if pruning.enabled else None
+        host = self.model.pruning_host()
+        cost = schedule_cost(self.shape, method, resolve.schedule_of(host, pruning) if method else None,
+                             Workload(prompt_tokens, 1, new_tokens, 1, torch.finfo(self.model.dtype).bits // 8),
+                             pre_llm=resolve.pre_llm_plan(host, pruning), budget=pruning.vision_token_budget)
+        return prompt_tokens, cost
+
+    def _mean_vision_tokens(self, trace, encoded) -> float:
+        return mean_vision_tokens(trace, self.num_layers, self.num_patches)
+
+    def _label(self, pruning) -> tuple[str, float | None, str]:
+        """``(method or "full", budget shown, label)`` of a setting."""
+        method = pruning.prune_method if pruning.enabled else None
+        return method or "full", pruning.vision_token_budget if method else None, setting_label(pruning)
+
     def stream(self, image: Image.Image, history, question: str, pruning: PruningSetting,
                max_new_tokens: int = 64, temperature: float = 0.0):
         """Yield the reply text as it grows, then a ``Reply`` (the last item)."""
-        ids, pixels, max_new_tokens = self.encode(image, history, question, max_new_tokens)
+        encoded = self.encode(image, history, question, max_new_tokens)
+        max_new_tokens = encoded[-1]
         streamer = _TimedStreamer(self.tokenizer, timeout=600)
         result: dict = {}
 
         def work():
             try:
-                with torch.inference_mode(), self.model.pruned_as(pruning) as record:
-                    out = self.model.generate(
-                        ids, images=pixels, streamer=streamer, max_new_tokens=max_new_tokens,
-                        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                        pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True)
-                result.update(out=out, trace=record.trace)
+                out, trace = self._generate(encoded, pruning, streamer, max_new_tokens, temperature)
+                result.update(out=out, trace=trace)
             except BaseException as error:  # handed to the caller's thread below
                 result["error"] = error
                 streamer.end()
@@ -243,29 +301,30 @@ class ChatEngine:
         if "error" in result:
             raise result["error"]
         out = result["out"]
-        new_tokens = int(out.sequences.shape[1])
+        sequences = out.sequences[:, self._prompt_length(encoded):]
+        new_tokens = int(sequences.shape[1])
         times = streamer.token_times
         ttft = 1000 * ((times[0] if times else time.perf_counter()) - start)
         speed = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
-        text = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True).strip()
-        prompt_tokens = int(ids.shape[1]) - 1
-        method = pruning.prune_method if pruning.enabled else None
-        host = self.model.pruning_host()
-        cost = schedule_cost(self.shape, method, resolve.schedule_of(host, pruning) if method else None,
-                             Workload(prompt_tokens, 1, new_tokens, 1, torch.finfo(self.model.dtype).bits // 8),
-                             pre_llm=resolve.pre_llm_plan(host, pruning), budget=pruning.vision_token_budget)
+        text = self.tokenizer.decode(sequences[0], skip_special_tokens=True).strip()
+        prompt_tokens, cost = self._reply_cost(encoded, pruning, new_tokens)
         trace, cache = result["trace"], compat.output_cache(out)
+        method, budget, label = self._label(pruning)
         metrics = ReplyMetrics(
-            method=method or "full", budget=pruning.vision_token_budget if method else None, ttft_ms=ttft,
+            method=method, budget=budget, ttft_ms=ttft,
             tokens_per_s=speed, new_tokens=new_tokens,
-            mean_vision_tokens=mean_vision_tokens(trace, self.model.config.num_hidden_layers, self.num_patches),
+            mean_vision_tokens=self._mean_vision_tokens(trace, encoded),
             kv_mb=cache_nbytes(cache) / 1e6, tflops=cost.flops_total / 1e12, prompt_tokens=prompt_tokens,
             # the last answer token is never fed back, so the cache holds new_tokens - 1 of them
             prefill_kv_mb=cache_nbytes(cache, without_last=max(new_tokens - 1, 0)) / 1e6,
             prefill_gflops=(cost.flops_total - cost.decode_flops) / 1e9, answer_gflops=cost.decode_flops / 1e9,
-            label=setting_label(pruning))
+            label=label)
         logger.info("reply %s; %s", metrics.prefill_line(), metrics.answer_line())
         yield Reply(text=text, metrics=metrics, trace=trace, history=[*history, (question.strip(), text)])
+
+    def _prompt_length(self, encoded) -> int:
+        """Where the answer starts in ``generate``'s sequences (ours return only the new tokens)."""
+        return 0
 
     def trace(self, image: Image.Image, history, question: str, pruning: PruningSetting) -> PruningTrace | None:
         """The ``PruningTrace`` of one prefill of this turn under ``pruning`` (no answer)."""

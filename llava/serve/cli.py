@@ -14,10 +14,12 @@ import logging
 import sys
 
 from ..cli import InputError, add_debug_arg, run_command
-from ..eval.inference import add_model_args, load_model_from_args
-from ..eval.pruning_args import add_pruning_args, apply_pruning_args
+from ..eval.inference import add_model_args, load_model_from_args, load_vlm_from_args
+from ..eval.pruning_args import add_pruning_args, apply_pruning_args, vlm_spec_from_args
+from ..model.vlm import is_transformers_vlm
 from ..model.pruning_setting import PruningSetting
 from .chat import MAX_IMAGE_PIXELS, ChatEngine, Reply, open_image
+from .vlm_chat import VlmChatEngine
 
 __all__ = ["build_parser", "main"]
 
@@ -41,10 +43,15 @@ def main(argv=None, stdin=None, stdout=None) -> list[Reply]:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     image = open_image(args.image_file, args.max_image_pixels)  # before the model loads
-    tokenizer, model, image_processor, _ = load_model_from_args(args)
-    apply_pruning_args(model, args)
-    engine = ChatEngine(tokenizer, model, image_processor, args.conv_mode, args.max_image_pixels)
-    setting = PruningSetting.of_config(model.config)
+    if is_transformers_vlm(args.model_path, args.model_base):
+        loaded = load_vlm_from_args(args)
+        setting = vlm_spec_from_args(loaded, args)
+        engine = VlmChatEngine(loaded, args.max_image_pixels)
+    else:
+        tokenizer, model, image_processor, _ = load_model_from_args(args)
+        apply_pruning_args(model, args)
+        engine = ChatEngine(tokenizer, model, image_processor, args.conv_mode, args.max_image_pixels)
+        setting = PruningSetting.of_config(model.config)
     history, replies, refused = [], [], []
     while True:
         stdout.write("USER: ")

@@ -37,15 +37,16 @@ import glob
 import logging
 import os
 
-from adsc_patch import PRUNE_METHODS, ScheduleError
+from adsc_patch import ScheduleError
 from adsc_patch.methods import is_pre_llm
 from adsc_patch.spec import PruningSpec, add_spec_flags, spec_from_flags
 
 from ..cli import InputError, MissingDependencyError, add_debug_arg, fail, run_command
-from ..eval.inference import add_model_args, load_model_from_args
+from ..eval.inference import add_model_args, load_model_from_args, load_vlm_from_args
+from ..model.vlm import is_transformers_vlm
 from ..eval.pruning_args import parse_layer_list
-from .chat import MAX_IMAGE_PIXELS, ChatEngine, open_image, setting_label
-from .picture import kept_patches_picture
+from .chat import MAX_IMAGE_PIXELS, ChatEngine, open_image
+from .vlm_chat import VlmChatEngine
 
 logger = logging.getLogger("llava.serve.gradio_demo")
 
@@ -126,23 +127,17 @@ def build_demo(engine: ChatEngine, method: str | None = None, budget: float | No
     both first settings once before serving."""
     import gradio as gr
 
-    model = engine.model
-    layers = model.config.num_hidden_layers
-    side = model.get_vision_tower().num_patches_per_side
-    default = engine.default_setting()
-    method = method or default.prune_method
+    default_method, default_budget = engine.default_choice()
+    method = method or default_method
     if budget is None:
-        budget = default.vision_token_budget if method == default.prune_method and default.vision_token_budget \
-            else max(1, round(engine.num_patches / 3))
+        budget = default_budget if method == default_method and default_budget else engine.default_budget()
     if prune_layers is None:
-        prune_layers = model.prune_layers_for(method)
+        prune_layers = engine.prune_layers_for(method)
     first = engine.setting(method, budget, prune_layers)  # refuses an unreachable start before serving
-    low, high = model.reachable_budgets(method, None if is_pre_llm(method) else prune_layers)
+    low, high = engine.reachable_budgets(method, None if is_pre_llm(method) else prune_layers)
     if warm_up:
         engine.warm_up([engine.setting(None, None), first])
-
-    def picture(image, trace):
-        return kept_patches_picture(image, trace, side, layers)
+    picture = engine.picture
 
     def describe(method, budget, layers_box):
         """The setting the controls ask for, or the line refusing it."""
@@ -180,22 +175,22 @@ def build_demo(engine: ChatEngine, method: str | None = None, budget: float | No
         except Exception as error:  # noqa: BLE001
             yield (*keep, _problem(error), full_history, comp_history)
             return
-        caption = f"kept by the compressed pane's last reply: {setting_label(comp_setting)}"
+        caption = f"kept by the compressed pane's last reply: {engine.label(comp_setting)}"
         yield (full_msgs, comp_msgs, _metrics_md(replies["full"].metrics), _metrics_md(replies["compressed"].metrics),
                picture(image, replies["compressed"].trace), caption, "done", replies["full"].history,
                replies["compressed"].history)
 
     def new_method(method, layers_box):
         """A new method: its layers on this checkpoint, the budgets they reach."""
-        own = () if is_pre_llm(method) else model.prune_layers_for(method)
+        own = () if is_pre_llm(method) else engine.prune_layers_for(method)
         box = gr.update(value=layers_text(own), interactive=not is_pre_llm(method))
         return (box, *new_layers(method, layers_text(own), None)[1:])
 
     def new_layers(method, layers_box, budget):
         """New layers: the budget slider's range becomes what they reach (the value kept inside it)."""
         try:
-            chosen = None if is_pre_llm(method) else (parse_layers(layers_box) or model.prune_layers_for(method))
-            low, high = model.reachable_budgets(method, chosen)
+            chosen = None if is_pre_llm(method) else (parse_layers(layers_box) or engine.prune_layers_for(method))
+            low, high = engine.reachable_budgets(method, chosen)
         except Exception as error:  # noqa: BLE001
             return gr.update(), gr.update(), _problem(error)
         value = min(max(budget if budget is not None else low, low), high)
@@ -205,7 +200,7 @@ def build_demo(engine: ChatEngine, method: str | None = None, budget: float | No
 
     def check_setting(method, budget, layers_box):
         try:
-            return f"{setting_label(describe(method, budget, layers_box))}: send to compare"
+            return f"{engine.label(describe(method, budget, layers_box))}: send to compare"
         except Exception as error:  # noqa: BLE001
             return _problem(error)
 
@@ -243,12 +238,12 @@ def build_demo(engine: ChatEngine, method: str | None = None, budget: float | No
             with gr.Column(scale=1):
                 upload = gr.File(label="image", file_count="single", type="filepath", elem_id="image-upload")
                 preview = gr.Image(label="your image", type="pil", interactive=False, elem_id="preview", height=200)
-                method_box = gr.Dropdown(list(PRUNE_METHODS), value=method, label="method (compressed pane)",
+                method_box = gr.Dropdown(list(engine.methods), value=method, label="method (compressed pane)",
                                          elem_id="method")
                 layers_box = gr.Textbox(value=layers_text(prune_layers), label="prune layers (decoder layers)",
                                         interactive=not is_pre_llm(method), elem_id="layers")
-                budget_box = gr.Slider(low, high, value=min(max(budget, low), high), step=1,
-                                       label="vision-token budget (reachable range)", elem_id="budget")
+                budget_box = gr.Slider(low, high, value=min(max(budget, low), high), step=engine.budget_step,
+                                       label=engine.budget_label, elem_id="budget")
                 status = gr.Markdown("upload an image", elem_id="status")
                 if examples:
                     gr.Examples(examples=[[path] for path in examples], inputs=[upload], label="playground images")
@@ -317,9 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
 def first_setting_from_flags(args, model) -> tuple[str | None, float | None, list[int] | None]:
     """``(method, budget, prune layers)`` of the compressed pane's first setting from the pruning
     flags (``adsc_patch.spec.spec_from_flags`` on top of the checkpoint's own spec); ``None``s
-    leave each to ``build_demo``'s defaults. A ratio is shown as the budget it means."""
+    leave each to ``build_demo``'s defaults. A ratio is shown as the budget it means. ``model``:
+    ours, or a chat engine; for a ``VlmChatEngine`` the budget is the fraction of each image's
+    tokens (``--budget-fraction``)."""
     if args.no_pruning:
         raise InputError("--no-pruning: the demo's compressed pane always prunes (the other pane is the full model)")
+    if isinstance(model, VlmChatEngine):
+        return _first_vlm_setting(args, model)
+    if isinstance(model, ChatEngine):
+        model = model.model
     spec = spec_from_flags(args, PruningSpec.from_config(model.config))
     if spec is None:
         return None, None, None
@@ -334,6 +335,15 @@ def first_setting_from_flags(args, model) -> tuple[str | None, float | None, lis
     return (args.prune_method, budget, None if args.prune_layers is None else list(args.prune_layers))
 
 
+def _first_vlm_setting(args, engine: VlmChatEngine) -> tuple[str | None, float | None, list[int] | None]:
+    for flag, value in (("--vision-token-budget", args.vision_token_budget), ("--drop-ratio", args.drop_ratio)):
+        if value is not None:
+            raise InputError(f"{flag}: this model's images differ in size; the demo's budget is --budget-fraction")
+    if args.prune_selection not in (None, "uniform_2d"):
+        raise InputError("--prune-selection: the demo runs the default selection on this model")
+    return (args.prune_method, args.budget_fraction, None if args.prune_layers is None else list(args.prune_layers))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -343,10 +353,13 @@ def main(argv=None):
         raise MissingDependencyError("the demo needs gradio: pip install -e '.[demo]'") from None
     check_port_free(args.host, args.port)  # before the model loads
     args.model_path = args.model_path or default_model_path()
-    tokenizer, model, image_processor, _ = load_model_from_args(args)
-    engine = ChatEngine(tokenizer, model, image_processor, args.conv_mode, args.max_image_pixels)
+    if is_transformers_vlm(args.model_path, args.model_base):
+        engine = VlmChatEngine(load_vlm_from_args(args), args.max_image_pixels)
+    else:
+        tokenizer, model, image_processor, _ = load_model_from_args(args)
+        engine = ChatEngine(tokenizer, model, image_processor, args.conv_mode, args.max_image_pixels)
     try:
-        method, budget, prune_layers = first_setting_from_flags(args, model)
+        method, budget, prune_layers = first_setting_from_flags(args, engine)
         demo = build_demo(engine, method, budget, playground_examples(),
                           args.max_new_tokens, prune_layers=prune_layers,
                           question_hint=playground_question_hint(args.model_path),

@@ -33,38 +33,47 @@ def kept_patch_masks(trace: PruningTrace, num_patches: int, row: int = 0) -> lis
     return masks
 
 
-def _square(image: Image.Image) -> np.ndarray:
-    square = expand2square(image.convert("RGB"), (127, 127, 127)).resize((PANEL, PANEL), Image.BICUBIC)
-    return np.asarray(square).astype(np.float32)
+def _panel(image: Image.Image, padded: bool) -> np.ndarray:
+    image = image.convert("RGB")
+    if padded:
+        image = expand2square(image, (127, 127, 127))
+    return np.asarray(image.resize((PANEL, PANEL), Image.BICUBIC)).astype(np.float32)
 
 
-def _patch_map(values: np.ndarray, side: int) -> np.ndarray:
-    """``(side*side, ...)`` per-patch values -> ``(PANEL, PANEL, ...)`` by nearest patch."""
-    index = (np.arange(PANEL) * side) // PANEL
-    grid = values.reshape(side, side, *values.shape[1:])
-    return grid[index][:, index]
+def _patch_map(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """``(rows*cols, ...)`` per-patch values -> ``(PANEL, PANEL, ...)`` by nearest patch."""
+    rows, cols = grid
+    values = values.reshape(rows, cols, *values.shape[1:])
+    return values[(np.arange(PANEL) * rows) // PANEL][:, (np.arange(PANEL) * cols) // PANEL]
 
 
-def kept_patches_picture(image: Image.Image, trace: PruningTrace | None, side: int, layers: int) -> Image.Image:
-    """A row of labelled panels; ``trace`` ``None``: the whole image (nothing pruned)."""
-    base = _square(image)
+def kept_patches_picture(image: Image.Image, trace: PruningTrace | None, side: int | None, layers: int,
+                         grid: tuple[int, int] | None = None) -> Image.Image:
+    """A row of labelled panels; ``trace`` ``None``: the whole image (nothing pruned).
+
+    ``side``: LLaVA-1.5's square patch grid (the image padded to a square, as it sees it);
+    ``grid``: ``(rows, cols)`` of a model that resizes the image to its own grid instead
+    (Qwen2.5-VL's merged tokens; the first image of the trace), shown unpadded."""
+    grid = grid or (side, side)
+    base = _panel(image, padded=side is not None)
     panels, labels = [], []
     if trace is None:
-        panels, labels = [base], [f"all {side * side} patches, layers 0-{layers - 1}"]
+        what = f"all {grid[0] * grid[1]} patches" if side is not None else "the whole image"
+        panels, labels = [base], [f"{what}, layers 0-{layers - 1}"]
     elif trace.merge_groups is not None:
         groups = trace.merge_groups[0].numpy()
         rng = np.random.default_rng(0)
         colours = rng.uniform(40, 255, size=(int(groups.max()) + 1, 3)).astype(np.float32)
         tint = np.where(groups[:, None] >= 0, colours[np.clip(groups, 0, None)], 0.0)
-        tint_map = _patch_map(tint, side)
-        dropped = _patch_map(groups < 0, side)[..., None]
+        tint_map = _patch_map(tint, grid)
+        dropped = _patch_map(groups < 0, grid)[..., None]
         panel = np.where(dropped, base * 0.15, 0.45 * base + 0.55 * tint_map)
         panels.append(panel)
         labels.append(f"{int(groups.max()) + 1} merged tokens")
     else:
         bounds = list(zip((0, *trace.prune_layers), (*trace.prune_layers, layers)))
-        for mask, (first, end) in zip(kept_patch_masks(trace, side * side), bounds):
-            shown = _patch_map(mask, side)[..., None]
+        for mask, (first, end) in zip(kept_patch_masks(trace, grid[0] * grid[1]), bounds):
+            shown = _patch_map(mask, grid)[..., None]
             panels.append(np.where(shown, base, base * 0.2 + 20))
             span = f"layer {first}" if end - 1 == first else f"layers {first}-{end - 1}"
             labels.append(f"{span}: {int(mask.sum())}")

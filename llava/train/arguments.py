@@ -111,6 +111,11 @@ class AdscArguments:
     vision_token_budget: float | None = field(
         default=None, metadata={"help": "target average vision tokens over all layers (e.g. 192 of 576)"}
     )
+    budget_fraction: float | None = field(
+        default=None,
+        metadata={"help": "target as a fraction of each image's own vision tokens (e.g. 0.333): the unit for "
+                          "models whose images differ in size (Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT, LLaVA-OneVision)"},
+    )
     prune_selection: str = field(default="uniform_2d", metadata={"help": "uniform_2d, uniform_1d or random"})
     prune_method: str = field(
         default="adsc",
@@ -158,9 +163,14 @@ class AdscArguments:
     def validate(self) -> None:
         if self.finetune_mode not in ("lora", "full"):
             raise InputError(f"--finetune_mode must be lora or full, got {self.finetune_mode!r}")
-        if self.drop_ratio is not None and self.vision_token_budget is not None:
-            raise InputError("give --drop_ratio or --vision_token_budget, not both")
-        if self.curriculum == "none" and (self.drop_ratio or self.vision_token_budget or self.curriculum_factors):
+        units = [flag for flag, value in (("--drop_ratio", self.drop_ratio),
+                                          ("--vision_token_budget", self.vision_token_budget),
+                                          ("--budget_fraction", self.budget_fraction)) if value is not None]
+        if len(units) > 1:
+            raise InputError("give one of --drop_ratio, --vision_token_budget, --budget_fraction, not "
+                             + " and ".join(units))
+        if self.curriculum == "none" and (self.drop_ratio or self.vision_token_budget or self.budget_fraction
+                                          or self.curriculum_factors):
             raise InputError("--curriculum none trains on all vision tokens: drop the pruning target flags")
         if self.prune_method not in PRUNE_METHODS:
             raise InputError(f"--prune_method {self.prune_method!r}: known {', '.join(PRUNE_METHODS)}")
@@ -170,13 +180,15 @@ class AdscArguments:
 
     def spec(self) -> PruningSpec | None:
         """The fine-tune's target as an ``adsc_patch.PruningSpec`` (``None`` without
-        ``--drop_ratio`` / ``--vision_token_budget``): the one place its method, layers,
-        selection and unit are checked together; ``InputError`` naming the flags otherwise."""
-        if self.drop_ratio is None and self.vision_token_budget is None:
+        ``--drop_ratio`` / ``--vision_token_budget`` / ``--budget_fraction``): the one place its
+        method, layers, selection and unit are checked together; ``InputError`` naming the
+        flags otherwise."""
+        if self.drop_ratio is None and self.vision_token_budget is None and self.budget_fraction is None:
             return None
         layers = self.layers()
         try:
             return PruningSpec(self.prune_method, budget=self.vision_token_budget, drop_ratio=self.drop_ratio,
+                               budget_fraction=self.budget_fraction,
                                layers=None if layers is None else tuple(layers), selection=self.prune_selection)
         except ScheduleError as error:
             raise InputError(f"--prune_method/--prune_layers/--prune_selection and the target: {error}") from None

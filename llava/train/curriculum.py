@@ -77,28 +77,38 @@ def phase_at(phases: list[CurriculumPhase], step: int) -> CurriculumPhase:
 
 
 class CurriculumCallback(TrainerCallback):
-    """Sets the model's pruning schedule for the phase of each step, and logs it.
+    """Puts the phase of each step into effect, and logs it.
 
-    ``model`` is the ``LlavaLlamaForCausalLM`` (inside any PEFT/DeepSpeed wrapper);
-    ``plan`` builds the phases once the Trainer knows its number of steps.
+    ``model`` is the model the phases act on (inside any PEFT/DeepSpeed wrapper); ``plan``
+    builds the phases once the Trainer knows its number of steps. ``apply(phase)`` puts a
+    phase into effect; by default ``model.configure_pruning`` at the phase's budget
+    (``LlavaLlamaForCausalLM``); transformers' VLMs pass their own (``apply_adsc`` with the
+    phase's spec). ``describe(phase, count)`` is the log line's text (default
+    ``CurriculumPhase.describe``).
     """
 
-    def __init__(self, model, plan):
+    def __init__(self, model, plan, apply: Callable[[CurriculumPhase], None] | None = None,
+                 describe: Callable[[CurriculumPhase, int], str] | None = None):
         self.model = model
         self.plan = plan
+        self.apply = apply or self._configure_pruning
+        self.describe = describe or (lambda phase, count: phase.describe(count))
         self.phases: list[CurriculumPhase] = []
         self.current: CurriculumPhase | None = None
+
+    def _configure_pruning(self, phase: CurriculumPhase) -> None:
+        in_decoder = not is_pre_llm(self.model.config.prune_method)
+        self.model.configure_pruning(
+            prune_layers=list(phase.schedule.prune_layers) if in_decoder else [], vision_token_budget=phase.budget
+        )
 
     def _apply(self, step: int) -> None:
         phase = phase_at(self.phases, step)
         if phase is self.current:
             return
         self.current = phase
-        in_decoder = not is_pre_llm(self.model.config.prune_method)
-        self.model.configure_pruning(
-            prune_layers=list(phase.schedule.prune_layers) if in_decoder else [], vision_token_budget=phase.budget
-        )
-        logger.info("step %d: %s", step, phase.describe(len(self.phases)))
+        self.apply(phase)
+        logger.info("step %d: %s", step, self.describe(phase, len(self.phases)))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.phases = self.plan(state.max_steps)

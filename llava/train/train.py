@@ -2,10 +2,14 @@
 
 Upstream's flags (``--model_name_or_path --version --data_path --image_folder
 --lora_enable --lora_r --lora_alpha --mm_projector_lr --model_max_length --bits ...``) plus
-``--prune_layers``, ``--drop_ratio``/``--vision_token_budget``, ``--curriculum``
+``--prune_layers``, ``--drop_ratio``/``--vision_token_budget``/``--budget_fraction``, ``--curriculum``
 (``reverse``|``standard``|``direct``|``none``), ``--curriculum_factors``,
 ``--curriculum_phase_fractions``, ``--finetune_mode`` (``lora``|``full``),
 ``--attn_implementation``, ``--save_every_minutes`` and ``--skip_bad_samples``.
+
+A checkpoint of transformers' own Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT or LLaVA-OneVision
+(``llava.model.vlm.is_transformers_vlm``) is fine-tuned by ``llava.train.vlm_train`` with the
+same flags, trainer and curriculum (its target: ``--budget_fraction`` or ``--drop_ratio``).
 
 The run resumes from the newest ``checkpoint-*`` in ``--output_dir`` when there is one
 (upstream's behaviour), including the curriculum phase of that step. Upstream's
@@ -181,6 +185,8 @@ def _target_budget(model, adsc: AdscArguments, layers: list[int]) -> float:
     n_layers = model.config.num_hidden_layers
     if adsc.vision_token_budget is not None:
         return float(adsc.vision_token_budget)
+    if adsc.budget_fraction is not None:  # our images have one size: the fraction is a budget
+        return adsc.budget_fraction * schedule_n
     if adsc.drop_ratio is not None and not layers:  # a pre-LLM method: tokens per image
         return float(kept_tokens(schedule_n, adsc.drop_ratio))
     if adsc.drop_ratio is not None:
@@ -278,6 +284,11 @@ def run_training(argv=None, attn_implementation: str | None = None) -> TrainingR
         stream=sys.stdout,
     )
     _check_flags(model_args, data_args, training_args, adsc)
+    vlm = _is_transformers_vlm(model_args.model_name_or_path)
+    if vlm:
+        from llava.train import vlm_train
+
+        vlm_train.refuse_absolute_budget(model_args.model_name_or_path, adsc)
     attention = resolve_attention(model_args.attn_implementation, attn_implementation or "sdpa",
                                   cuda=torch.cuda.is_available() and not training_args.use_cpu)
     if training_args.activation_checkpointing and training_args.activation_checkpointing_kwargs is None:
@@ -286,6 +297,10 @@ def run_training(argv=None, attn_implementation: str | None = None) -> TrainingR
     # Before any weight is made: LoRA adapters (and a fresh projector) are initialised from
     # the global RNG, which torch seeds at random in every process; the Trainer seeds only later.
     transformers.set_seed(training_args.seed)
+    if vlm:  # Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT, LLaVA-OneVision: transformers' own classes
+        timed = _timed_saves(training_args)
+        return vlm_train.run_vlm_training(model_args, data_args, training_args, adsc, attention,
+                                          _load_kwargs(training_args, attention), [timed] if timed else [])
     model, tokenizer = build_model(model_args, training_args, attention)
     logger.info("attention: %s%s", model.config._attn_implementation,
                 f", language model in {training_args.bits} bit" if training_args.bits in (4, 8) else "")
@@ -364,6 +379,17 @@ def run_training(argv=None, attn_implementation: str | None = None) -> TrainingR
         os.replace(os.path.join(training_args.output_dir, "adsc_training.json.tmp"),
                    os.path.join(training_args.output_dir, "adsc_training.json"))
     return TrainingResult(training_args.output_dir, model, trainer, dataset)
+
+
+def _is_transformers_vlm(model_name_or_path: str) -> bool:
+    """Whether the checkpoint is one of transformers' own VLMs (``llava.model.vlm``); a path
+    that does not resolve is left to the LLaVA path's own error."""
+    from llava.model.vlm import is_transformers_vlm
+
+    try:
+        return is_transformers_vlm(model_name_or_path)
+    except InputError:
+        return False
 
 
 def _timed_saves(training_args: TrainingArguments) -> SaveEveryMinutesCallback | None:

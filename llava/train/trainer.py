@@ -65,6 +65,16 @@ class ModalityLengthGroupedSampler(Sampler):
 
 
 class LLaVATrainer(Trainer):
+    """The Trainer of both fine-tune paths. ``projector_names``: name parts of the projector's
+    parameters (``--mm_projector_lr``; default LLaVA's ``mm_projector``); ``pruning_log``: the
+    pruning fields every logged loss carries (default: the LLaVA config's budget and ratio)."""
+
+    def __init__(self, *args, projector_names: tuple[str, ...] = ("mm_projector",),
+                 pruning_log: Callable[[], dict] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_names = tuple(projector_names)
+        self.pruning_log = pruning_log
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if getattr(self.args, "group_by_modality_length", False) and hasattr(dataset, "modality_lengths"):
@@ -83,7 +93,7 @@ class LLaVATrainer(Trainer):
         for name, param in opt_model.named_parameters():
             if not param.requires_grad:
                 continue
-            key = ("mm_projector" in name, name in decay)
+            key = (any(part in name for part in self.projector_names), name in decay)
             groups.setdefault(key, []).append(param)
         param_groups = []
         for (is_projector, has_decay), params in groups.items():
@@ -97,7 +107,10 @@ class LLaVATrainer(Trainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         config = getattr(self.model, "config", None)
-        if config is not None and getattr(config, "prune_layers", None) and "loss" in logs:
+        if self.pruning_log is not None:
+            if "loss" in logs:
+                logs.update(self.pruning_log())
+        elif config is not None and getattr(config, "prune_layers", None) and "loss" in logs:
             budget = getattr(config, "vision_token_budget", None)
             if budget is not None:
                 logs["vision_token_budget"] = round(float(budget), 4)

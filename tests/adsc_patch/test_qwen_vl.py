@@ -17,7 +17,8 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen3VLForConditionalGeneration)
 
 from adsc_patch import PruningSpec, ScheduleError, apply_adsc, last_trace, pruning, remove_adsc, solve_drop_ratio
-from tests.helpers import eager_model, reference_uniform_2d
+from adsc_patch.cache import cache_layer_lengths
+from tests.helpers import cache_lengths_per_layer, eager_model, reference_uniform_2d, scheduled_cache_lengths
 
 pytestmark = [pytest.mark.compat, pytest.mark.usefixtures("one_thread")]
 
@@ -170,6 +171,11 @@ def _counts(layers, ratio, sizes):
 @pytest.mark.parametrize("method", ["adsc", "fastv", "pdrop"])
 def test_cached_generation_equals_the_uncached_reference_with_images_of_two_sizes(qwen, method):
     layers = [2] if method == "fastv" else [1, 3]
+    if qwen.config.model_type == "qwen3_vl":
+        # DeepStack adds features after layers 0, 1 and 2; the first prune (at layer 1's input; FastV:
+        # layer 2's) comes before the last of them, so survivors must carry their own features on
+        deepstack_layers = len(qwen.config.vision_config.deepstack_visual_indexes)
+        assert deepstack_layers == 3 and layers[0] <= deepstack_layers - 1
     ratio = 0.5
     grids = [(8, 6), (4, 4)]  # 12 and 4 tokens: a 4 x 3 and a 2 x 2 merged grid
     ids, pixels, thw = _prompt(grids)
@@ -216,6 +222,15 @@ def test_a_budget_fraction_is_solved_for_each_image_from_its_own_size(qwen):
         assert counts == list(solve_drop_ratio(LAYERS, n, layers, 0.5 * n).tokens_per_layer)
 
 
+def _left_padded(prompts):
+    """``(ids, mask, pixels, grids)`` of prompts left-padded to the longest (pad id 0)."""
+    length = max(ids.shape[1] for ids, _, _ in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(length - p[0].shape[1], dtype=torch.long), p[0][0]]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(length - p[0].shape[1], dtype=torch.long),
+                                   torch.ones(p[0].shape[1], dtype=torch.long)]) for p in prompts])
+    return ids, mask, torch.cat([p[1] for p in prompts]), torch.cat([p[2] for p in prompts])
+
+
 def test_a_left_padded_batch_of_prompts_with_different_images_equals_each_prompt_alone(qwen):
     spec = PruningSpec("adsc", drop_ratio=0.5, layers=(1, 3))
     prompts = [_prompt([(8, 6), (4, 4)], seed=2), _prompt([(4, 8)], seed=3)]
@@ -223,15 +238,46 @@ def test_a_left_padded_batch_of_prompts_with_different_images_equals_each_prompt
     with pruning(qwen, spec):
         for ids, pixels, thw in prompts:
             alone.append(_generate(qwen, ids, pixels, thw).logits)
-        length = max(ids.shape[1] for ids, _, _ in prompts)
-        ids = torch.stack([torch.cat([torch.zeros(length - p[0].shape[1], dtype=torch.long), p[0][0]]) for p in prompts])
-        mask = torch.stack([torch.cat([torch.zeros(length - p[0].shape[1], dtype=torch.long),
-                                       torch.ones(p[0].shape[1], dtype=torch.long)]) for p in prompts])
-        batch = _generate(qwen, ids, torch.cat([p[1] for p in prompts]), torch.cat([p[2] for p in prompts]),
-                          attention_mask=mask)
+        ids, mask, pixels, thw = _left_padded(prompts)
+        batch = _generate(qwen, ids, pixels, thw, attention_mask=mask)
     for row in range(2):
         for step in range(STEPS):
             torch.testing.assert_close(batch.logits[step][row], alone[row][step][0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["adsc", "fastv", "pdrop"])
+def test_each_layers_cache_holds_the_text_and_its_stages_vision_tokens(qwen, method):
+    """After a cached greedy ``generate`` of ``STEPS`` tokens, each layer's cache (read off its
+    key tensor) holds the prompt's text tokens, the vision tokens its stage runs on (per image
+    ``floor((1 - r) * n)`` of the previous stage, summed over images: ``_counts``) and
+    ``STEPS - 1`` generated ones; in a left-padded batch, stage 0 the padded prompt and every
+    later stage the row keeping the most tokens (``tests.helpers.scheduled_cache_lengths``)."""
+    layers, ratio = ([2] if method == "fastv" else [1, 3]), 0.5
+    spec = PruningSpec(method, drop_ratio=ratio, layers=tuple(layers))
+    single = [(8, 6), (4, 4)]
+    batch = [[(8, 6), (4, 4)], [(4, 8)]]
+
+    def row(ids, grids):
+        sizes = [h * w // 4 for h, w in grids]
+        stages = [sum(sizes), *(sum(c[s] for c in _counts(layers, ratio, sizes)) for s in range(len(layers)))]
+        return ids.shape[1] - sum(sizes), stages
+
+    ids, pixels, thw = _prompt(single, seed=7)
+    with pruning(qwen, spec):
+        cache = _generate(qwen, ids, pixels, thw).past_key_values
+    expected = scheduled_cache_lengths(LAYERS, layers, [row(ids, single)], STEPS)
+    # 10 text tokens, 16 vision (12 + 4), 8 (6 + 3), 4 (3 + 1), and 3 generated
+    assert expected == ([29, 29, 21, 21, 21, 21] if method == "fastv" else [29, 21, 21, 17, 17, 17])
+    assert cache_lengths_per_layer(cache) == expected
+    assert cache_layer_lengths(cache) == expected
+
+    prompts = [_prompt(grids, seed=8 + k) for k, grids in enumerate(batch)]
+    padded, mask, pixels, thw = _left_padded(prompts)
+    with pruning(qwen, spec):
+        cache = _generate(qwen, padded, pixels, thw, attention_mask=mask).past_key_values
+    expected = scheduled_cache_lengths(LAYERS, layers, [row(p[0], g) for p, g in zip(prompts, batch)], STEPS)
+    assert expected[0] == padded.shape[1] + STEPS - 1
+    assert cache_lengths_per_layer(cache) == expected
 
 
 def test_apply_adsc_prunes_until_removed_and_an_absolute_budget_is_refused(qwen):

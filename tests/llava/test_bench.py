@@ -88,3 +88,58 @@ def test_a_shape_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch
     # the float32 weights alone: about 7e9 parameters of 4 bytes
     sizes = bench._shape_sizes(bench.build_parser().parse_args([]))
     assert bench.memory_needed_bytes(sizes, torch.float32, 1, 1) > 7e9 * 4
+
+
+@pytest.fixture(scope="module")
+def qwen_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_qwen")
+    summary = bench.main(["--smoke", "--shape", "qwen2.5-vl-7b", "--out", str(out), "--budget-fractions", "0.5",
+                          "--image-size", "64x48"])
+    return out, summary
+
+
+def test_the_qwen2_5_vl_smoke_row_measures_kv_bytes_equal_to_the_profile_for_each_method_and_batch(qwen_smoke):
+    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` with one 64 x 48 image (resized by the
+    processor's rule to 72 x 56 px: 9 x 7 merged tokens): the cache after the prefill and after
+    ``generate`` has the bytes the profile predicts, full and under each in-decoder method at
+    budget fraction 0.5, at batch 1 and 2."""
+    from adsc_patch.profile import image_tokens
+
+    out, summary = qwen_smoke
+    rows = summary["rows"]
+    assert {(r["batch"], r["method"], r["budget_fraction"]) for r in rows} == {
+        (b, m, f) for b in (1, 2) for m, f in (("full", None), ("adsc", 0.5), ("fastv", 0.5), ("pdrop", 0.5))}
+    shape = ModelShape.from_config(bench.qwen_config(summary["header"]["sizes"], "sdpa"))
+    assert image_tokens(shape, 64, 48).grids == ((7, 9),)
+    for row in rows:
+        assert row["vision_tokens_per_image"] == 63
+        assert row["measured_kv_bytes"] == row["predicted_kv_bytes"] > 0, row
+        assert row["measured_peak_kv_bytes"] == row["predicted_peak_kv_bytes"], row
+        assert row["ttft_ms"] > 0 and row["vision_ms"] > 0
+        workload = Workload(summary["header"]["text_tokens"] + 2, 1, summary["header"]["new_tokens"], row["batch"], 4,
+                            64, 48)
+        cost = model_cost(shape, None if row["method"] == "full" else row["method"], None, workload,
+                          budget_fraction=row["budget_fraction"])
+        assert row["predicted_kv_bytes"] == cost.kv_bytes_after_prefill
+    by = {(r["batch"], r["method"]): r for r in rows}
+    assert by[(2, "adsc")]["measured_kv_bytes"] < by[(2, "full")]["measured_kv_bytes"] \
+        == 2 * by[(1, "full")]["measured_kv_bytes"]
+    assert abs(by[(1, "adsc")]["mean_vision_tokens"] - 31.5) <= 1
+    assert (out / "bench.md").read_text() == summary["markdown"] and "64x48 image" in summary["markdown"]
+
+
+def test_the_qwen_bench_refuses_methods_its_patch_does_not_run():
+    from llava.cli import InputError
+
+    with pytest.raises(InputError, match=r"--methods \['tome'\]: the Qwen2.5-VL patch runs adsc, fastv, pdrop"):
+        bench.main(["--smoke", "--shape", "qwen2.5-vl-7b", "--methods", "adsc,tome"])
+    with pytest.raises(InputError, match="--shape qwen3-vl-8b: the bench builds"):
+        bench.main(["--smoke", "--shape", "qwen3-vl-8b"])
+
+
+def test_the_qwen_bench_builds_the_presets_shape():
+    """The config the bench builds for ``--shape qwen2.5-vl-7b`` has the profile preset's shape."""
+    from adsc_patch.profile import PRESETS
+
+    sizes = bench.qwen_sizes(bench.build_parser().parse_args(["--shape", "qwen2.5-vl-7b"]))
+    assert ModelShape.from_config(bench.qwen_config(sizes, "sdpa")) == PRESETS["qwen2.5-vl-7b"]

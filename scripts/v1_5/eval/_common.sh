@@ -5,9 +5,11 @@
 #   MODEL_BASE   base model for LoRA / projector outputs  (unset)
 #   CKPT         name of the answers folder               basename of MODEL_PATH (+ -budgetN / -ratioR)
 #   EVAL_DIR     benchmark data root                      ./playground/data/eval
-#   CONV_MODE    conversation template                    vicuna_v1
+#   CONV_MODE    conversation template                    vicuna_v1 (none for Qwen2.5-VL, Qwen3-VL,
+#                LLaVA-NeXT, LLaVA-OneVision checkpoints: their own chat template)
 #   BATCH_SIZE   prompts per generate call                8 with CUDA, 4 on the CPU
-#   PRUNE_METHOD, PRUNE_LAYERS, VISION_TOKEN_BUDGET or DROP_RATIO, PRUNE_SELECTION, NO_PRUNING=1
+#   PRUNE_METHOD, PRUNE_LAYERS, VISION_TOKEN_BUDGET or BUDGET_FRACTION or DROP_RATIO, PRUNE_SELECTION,
+#   NO_PRUNING=1
 #                pruning at evaluation (default: the checkpoint's own schedule; docs/methods.md)
 #   EXTRA_ARGS   appended to every inference command
 #   OVERWRITE=1  start the answer files afresh (--overwrite) instead of resuming them
@@ -28,9 +30,14 @@ fi
 
 MODEL_PATH="${MODEL_PATH:-liuhaotian/llava-v1.5-7b}"
 EVAL_DIR="${EVAL_DIR:-./playground/data/eval}"
-CONV_MODE="${CONV_MODE:-vicuna_v1}"
+# transformers' own VLMs are prompted with their chat template; LLaVA-1.5 with upstream's vicuna_v1
+IS_TRANSFORMERS_VLM="$(python -c 'import sys; from llava.model.vlm import is_transformers_vlm
+print(int(is_transformers_vlm(sys.argv[1], sys.argv[2] or None)))' "$MODEL_PATH" "${MODEL_BASE:-}" 2>/dev/null || echo 0)"
+# (a path that does not resolve is reported by the inference command below, in one line)
+if [ "$IS_TRANSFORMERS_VLM" = 1 ]; then CONV_MODE="${CONV_MODE:-}"; else CONV_MODE="${CONV_MODE:-vicuna_v1}"; fi
 SUFFIX=""
 [ -n "${VISION_TOKEN_BUDGET:-}" ] && SUFFIX="-budget${VISION_TOKEN_BUDGET}"
+[ -n "${BUDGET_FRACTION:-}" ] && SUFFIX="-fraction${BUDGET_FRACTION}"
 [ -n "${DROP_RATIO:-}" ] && SUFFIX="-ratio${DROP_RATIO}"
 [ -n "${NO_PRUNING:-}" ] && SUFFIX="-full"
 [ -n "${PRUNE_METHOD:-}" ] && [ -z "${NO_PRUNING:-}" ] && SUFFIX="-${PRUNE_METHOD}${SUFFIX}"
@@ -51,11 +58,13 @@ else
   BATCH_SIZE="${BATCH_SIZE:-4}"
 fi
 
-COMMON_ARGS=(--model-path "$MODEL_PATH" --conv-mode "$CONV_MODE" --temperature 0 --batch-size "$BATCH_SIZE")
+COMMON_ARGS=(--model-path "$MODEL_PATH" --temperature 0 --batch-size "$BATCH_SIZE")
+[ -n "$CONV_MODE" ] && COMMON_ARGS+=(--conv-mode "$CONV_MODE")
 [ -n "${MODEL_BASE:-}" ] && COMMON_ARGS+=(--model-base "$MODEL_BASE")
 [ -n "${PRUNE_LAYERS:-}" ] && COMMON_ARGS+=(--prune-layers "$PRUNE_LAYERS")
 [ -n "${VISION_TOKEN_BUDGET:-}" ] && COMMON_ARGS+=(--vision-token-budget "$VISION_TOKEN_BUDGET")
 [ -n "${DROP_RATIO:-}" ] && COMMON_ARGS+=(--drop-ratio "$DROP_RATIO")
+[ -n "${BUDGET_FRACTION:-}" ] && COMMON_ARGS+=(--budget-fraction "$BUDGET_FRACTION")
 [ -n "${PRUNE_SELECTION:-}" ] && COMMON_ARGS+=(--prune-selection "$PRUNE_SELECTION")
 [ -n "${PRUNE_METHOD:-}" ] && COMMON_ARGS+=(--prune-method "$PRUNE_METHOD")
 [ -n "${NO_PRUNING:-}" ] && COMMON_ARGS+=(--no-pruning)
