@@ -223,11 +223,11 @@ MUTATIONS: tuple[Mutation, ...] = (
              "trace.tokens_per_layer[row].float().mean() - text[0])",
              ("tests/llava/test_vlm_entry_points.py::test_the_benchmark_loader_answers_a_batch_as_each_question_alone_and_resumes",),
              "every answer's mean vision tokens taken with the first prompt's text length"),
-    Mutation("vlm-chat-cost-image-transposed", "llava/serve/vlm_chat.py",
-             "        image = image_tokens(self.shape, width, height)",
-             "        image = image_tokens(self.shape, height, width)",
+    Mutation("vlm-chat-cost-unpruned", "llava/serve/vlm_chat.py",
+             "            schedules = tuple(plan.schedule(self.num_layers, n) for n in image.grid_tokens)",
+             "            schedules = (None,) * len(image.grids)",
              ("tests/llava/test_vlm_entry_points.py::test_the_demos_compare_api_answers_both_sides_as_the_stock_model",),
-             "the demo's FLOPs worked out for the image turned sideways"),
+             "the demo's FLOPs for a pruned reply worked out as if nothing were pruned"),
 )
 
 
