@@ -10,7 +10,7 @@ the file back. A mutation *survives* when its tests all pass: the suite has a ho
 report is a Markdown table; the exit code is 1 when any mutation survives or no longer
 applies (the code changed under it: update its text).
 
-Not part of CI's run (36 bugs, about three minutes on two cores); ``tests/test_mutation_check.py``
+Not part of CI's run (38 bugs, about three minutes on two cores); ``tests/test_mutation_check.py``
 checks on every run that each mutation still applies and names existing tests.
 """
 
@@ -223,6 +223,16 @@ MUTATIONS: tuple[Mutation, ...] = (
              "trace.tokens_per_layer[row].float().mean() - text[0])",
              ("tests/llava/test_vlm_entry_points.py::test_the_benchmark_loader_answers_a_batch_as_each_question_alone_and_resumes",),
              "every answer's mean vision tokens taken with the first prompt's text length"),
+    Mutation("vlm-user-turns-labelled", "llava/train/vlm_data.py",
+             "        labels += list(piece) if answer else [IGNORE_INDEX] * len(piece)",
+             "        labels += list(piece)",
+             ("tests/llava/test_train_vlm.py::test_exactly_the_assistant_tokens_are_labelled",),
+             "the fine-tune of a transformers VLM learns the prompt too (every token labelled)"),
+    Mutation("vlm-lora-on-the-vision-tower", "llava/train/vlm_train.py",
+             "    return re.escape(_module_name(model, adapter_for(model).language_model(model))) + _DECODER_LINEARS",
+             "    return r\".*\" + _DECODER_LINEARS",
+             ("tests/llava/test_train_vlm.py::test_lora_steps_lower_the_loss_and_change_only_lora_and_merger_weights",),
+             "LoRA targets matched anywhere, so the vision tower's layers get adapters too"),
     Mutation("vlm-chat-cost-unpruned", "llava/serve/vlm_chat.py",
              "            schedules = tuple(plan.schedule(self.num_layers, n) for n in image.grid_tokens)",
              "            schedules = (None,) * len(image.grids)",
