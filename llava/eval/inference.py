@@ -396,16 +396,7 @@ def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> st
     model_name = get_model_name_from_path(args.model_path)
     conv_mode = args.conv_mode or model.config.conv_mode or "vicuna_v1"
     settings = _settings(args, model, model_name, conv_mode, schedule, len(questions))
-    settings["weights_fingerprint"] = fingerprint
-    answers.check_settings(settings)
-    settings["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    write_json_atomic(answers.settings_path, settings)
-    if len(pending) < len(questions):
-        logger.info("resuming: %d of %d questions already answered", len(questions) - len(pending), len(questions))
-
-    bad_keys = {q.key for q, _ in problems}
-    _handle_bad_questions(answers, problems, policy, model_name)
-    runnable = [q for q in pending if q.key not in bad_keys]
+    runnable = _start_answers(answers, settings, fingerprint, questions, pending, problems, policy, model_name)
     dataset = _QuestionDataset(runnable, tokenizer, image_processor, model.config, args.image_folder, conv_mode)
     loader = DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
@@ -486,15 +477,7 @@ def _run_vlm_inference(args, questions, answers: AnswerFile, pending, problems, 
     spec = vlm_spec_from_args(loaded, args)
     model_name = get_model_name_from_path(args.model_path)
     settings = _vlm_settings(args, loaded, model_name, spec, len(questions))
-    settings["weights_fingerprint"] = fingerprint
-    answers.check_settings(settings)
-    settings["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    write_json_atomic(answers.settings_path, settings)
-    if len(pending) < len(questions):
-        logger.info("resuming: %d of %d questions already answered", len(questions) - len(pending), len(questions))
-    bad_keys = {q.key for q, _ in problems}
-    _handle_bad_questions(answers, problems, policy, model_name)
-    runnable = [q for q in pending if q.key not in bad_keys]
+    runnable = _start_answers(answers, settings, fingerprint, questions, pending, problems, policy, model_name)
     generation = generation_kwargs(args, loaded.tokenizer.pad_token_id)
     with tqdm(total=len(runnable), desc=os.path.basename(args.answers_file), unit="q") as progress:
         for first in range(0, len(runnable), args.batch_size):
@@ -525,6 +508,21 @@ def _run_vlm_inference(args, questions, answers: AnswerFile, pending, problems, 
     settings["answered"] = len([q for q in questions if q.key in answers.done])
     write_json_atomic(answers.settings_path, settings)
     return args.answers_file
+
+
+def _start_answers(answers: AnswerFile, settings: dict, fingerprint: dict, questions, pending, problems, policy: str,
+                   model_name: str) -> list[EvalQuestion]:
+    """Check ``settings`` against the answers file's, record them (started now), apply
+    ``--on-bad-question`` to ``problems``; returns the questions left to answer."""
+    settings["weights_fingerprint"] = fingerprint
+    answers.check_settings(settings)
+    settings["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_json_atomic(answers.settings_path, settings)
+    if len(pending) < len(questions):
+        logger.info("resuming: %d of %d questions already answered", len(questions) - len(pending), len(questions))
+    bad_keys = {q.key for q, _ in problems}
+    _handle_bad_questions(answers, problems, policy, model_name)
+    return [q for q in pending if q.key not in bad_keys]
 
 
 def _handle_bad_questions(answers: AnswerFile, problems: list[tuple[EvalQuestion, str]], policy: str,

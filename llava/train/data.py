@@ -164,6 +164,36 @@ class DataCheck:
     lengths: list[int] = field(default_factory=list)
 
 
+class BadSamples:
+    """The bad samples of one check pass (every data format's): each dropped into ``check``'s
+    skipped list under ``skip_bad_samples`` (a missing image also under
+    ``skip_missing_images``), else kept to raise, together, at the ``MAX_REPORTED``-th or at
+    ``finish``."""
+
+    def __init__(self, check: DataCheck, total: int, skip_missing_images: bool, skip_bad_samples: bool):
+        self.check, self.total = check, total
+        self.skip_missing_images, self.skip_bad_samples = skip_missing_images, skip_bad_samples
+        self.problems: list[tuple[str, str]] = []
+
+    def add(self, name: str, kind: str, text: str, index: int) -> None:
+        """Sample ``name`` (the ``index``-th record) has a problem of ``kind``, said in ``text``."""
+        if self.skip_bad_samples or (kind == "missing image" and self.skip_missing_images):
+            self.check.skipped.append(name)
+            self.check.reasons.append(f"{name}: {text}")
+            return
+        self.problems.append((kind, f"{name}: {text}"))
+        if len(self.problems) >= MAX_REPORTED:
+            _raise_problems(self.problems, stopped_at=index + 1, total=self.total)
+
+    def finish(self) -> None:
+        """Raise what was found; log what was dropped."""
+        if self.problems:
+            _raise_problems(self.problems)
+        if self.check.skipped:
+            logger.warning("dropped %d of %d samples, e.g. %s", len(self.check.skipped), self.total,
+                           "; ".join(self.check.reasons[:5]))
+
+
 def check_records(
     records: Sequence[dict], image_folder: str | None, skip_missing_images: bool = False,
     skip_bad_samples: bool = False, lengths: LengthCheck | None = None,
@@ -175,7 +205,8 @@ def check_records(
     ``skip_missing_images``); otherwise the check stops at the ``MAX_REPORTED``-th bad
     sample (or the end) and raises one ``DataError`` naming them.
     """
-    result, problems = DataCheck(), []
+    result = DataCheck()
+    bad = BadSamples(result, len(records), skip_missing_images, skip_bad_samples)
     for index, record in enumerate(tqdm(records, desc="checking data", disable=len(records) < 10000)):
         _check_record(record, index)
         name = _sample_name(record, index)
@@ -189,29 +220,24 @@ def check_records(
             if length is not None:
                 result.lengths.append(length)
             continue
-        kind, text = problem
-        if skip_bad_samples or (kind == "missing image" and skip_missing_images):
-            result.skipped.append(name)
-            result.reasons.append(f"{name}: {text}")
-            continue
-        problems.append((kind, f"{name}: {text}"))
-        if len(problems) >= MAX_REPORTED:
-            _raise_problems(problems, stopped_at=index + 1, total=len(records))
-    if problems:
-        _raise_problems(problems)
-    if result.skipped:
-        logger.warning("dropped %d of %d samples, e.g. %s", len(result.skipped), len(records),
-                       "; ".join(result.reasons[:5]))
+        bad.add(name, *problem, index)
+    bad.finish()
     return result
+
+
+def image_problem_kind(path: str) -> tuple[str, str] | None:
+    """``(kind, text)`` of the image at ``path`` (``missing image`` or ``undecodable image``), or
+    ``None`` when it opens."""
+    problem = image_problem(path)
+    if problem is None:
+        return None
+    return ("missing image" if problem.startswith("image file not found") else "undecodable image"), problem
 
 
 def _image_problem(record: dict, image_folder: str | None) -> tuple[str, str] | None:
     if "image" not in record:
         return None
-    problem = image_problem(os.path.join(image_folder or "", record["image"]))
-    if problem is None:
-        return None
-    return ("missing image" if problem.startswith("image file not found") else "undecodable image"), problem
+    return image_problem_kind(os.path.join(image_folder or "", record["image"]))
 
 
 def _raise_problems(problems: list[tuple[str, str]], stopped_at: int | None = None, total: int = 0):

@@ -27,7 +27,6 @@ if __name__ == "__main__" and not __package__:  # run as a file: see _run_as_fil
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
     import _run_as_file  # noqa: F401
 
-import json
 import logging
 import pathlib
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from llava.train.arguments import (
 )
 from llava.train.curriculum import CurriculumCallback, plan_curriculum
 from llava.train.data import DataCollatorForSupervisedDataset, DataError, LazySupervisedDataset
-from llava.train.trainer import LLaVATrainer, SaveEveryMinutesCallback, save_training_output
+from llava.train.trainer import LLaVATrainer, SaveEveryMinutesCallback, save_training_output, write_training_summary
 
 logger = logging.getLogger("llava.train")
 
@@ -361,23 +360,10 @@ def run_training(argv=None, attn_implementation: str | None = None) -> TrainingR
         final = model.vision_schedule()
     config.use_cache = True
     save_training_output(trainer, model, tokenizer, mode)
-    if training_args.should_save:
-        summary = {
-            "mode": mode,
-            "target_budget": config.vision_token_budget,
-            "final_schedule": final.describe(),
-            "curriculum": [p.describe(len(factors)) for p in curriculum.phases] if curriculum else [],
-            "steps": trainer.state.global_step,
-            "seed": training_args.seed,
-            "attn_implementation": model.config._attn_implementation,
-            "bits": training_args.bits,
-            "skipped_samples": len(dataset.skipped),
-            "train_loss": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-        }
-        with open(os.path.join(training_args.output_dir, "adsc_training.json.tmp"), "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(os.path.join(training_args.output_dir, "adsc_training.json.tmp"),
-                   os.path.join(training_args.output_dir, "adsc_training.json"))
+    write_training_summary(
+        trainer, mode, len(dataset.skipped), target_budget=config.vision_token_budget,
+        final_schedule=final.describe(),
+        curriculum=[p.describe(len(factors)) for p in curriculum.phases] if curriculum else [])
     return TrainingResult(training_args.output_dir, model, trainer, dataset)
 
 

@@ -5,11 +5,13 @@ upstream's layout."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -21,7 +23,8 @@ from llava.model.builder import write_tower_relative
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLaVATrainer", "ModalityLengthGroupedSampler", "SaveEveryMinutesCallback", "save_training_output"]
+__all__ = ["LLaVATrainer", "ModalityLengthGroupedSampler", "SaveEveryMinutesCallback", "save_training_output",
+           "final_output", "write_training_summary"]
 
 
 def _modality_grouped_indices(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
@@ -184,12 +187,9 @@ def save_training_output(trainer: Trainer, llava_model, tokenizer, mode: str) ->
     ``os.replace``, so a crash never leaves a half-written file under its final name.
     """
     args = trainer.args
-    state = _state_dict(trainer)
-    if not args.should_save:
-        return
-    os.makedirs(args.output_dir, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)
-    try:
+    with final_output(trainer) as (scratch, state):
+        if scratch is None:
+            return
         model = trainer.accelerator.unwrap_model(trainer.model)
         if mode == "lora":
             model.save_pretrained(scratch, state_dict=state)  # PEFT keeps the adapter's part
@@ -208,10 +208,28 @@ def save_training_output(trainer: Trainer, llava_model, tokenizer, mode: str) ->
             llava_model.save_pretrained(scratch, state_dict=state)
         tokenizer.save_pretrained(scratch)
         write_tower_relative(scratch, args.output_dir)
+    logger.info("saved the %s output to %s", mode, args.output_dir)
+
+
+@contextmanager
+def final_output(trainer):
+    """``(scratch folder, state dict)`` to write a run's final output into: a folder beside
+    ``args.output_dir`` whose files move in, each by an atomic rename, when the block ends
+    without error (so a crash never leaves a half-written file under its final name). The
+    state dict is gathered on every process (ZeRO-3 gathers collectively); the folder is
+    ``None`` on the processes that do not save."""
+    args = trainer.args
+    state = _state_dict(trainer)
+    if not args.should_save:
+        yield None, state
+        return
+    os.makedirs(args.output_dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)
+    try:
+        yield scratch, state
         _move_into(scratch, args.output_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    logger.info("saved the %s output to %s", mode, args.output_dir)
 
 
 def _unquantised(config):
@@ -233,3 +251,27 @@ def _plain_name(key: str) -> str:
         key = key[len("base_model.model."):]
     return key.replace(".modules_to_save.default", "")
 
+
+
+def write_training_summary(trainer, mode: str, skipped_samples: int, **fields) -> None:
+    """``adsc_training.json`` in the output folder (atomically; the main process only): the
+    mode, what the recipe resolved (``fields``), steps, seed, attention, bits, skipped samples
+    and every logged training loss."""
+    args = trainer.args
+    if not args.should_save:
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    summary = {
+        "mode": mode,
+        **fields,
+        "steps": trainer.state.global_step,
+        "seed": args.seed,
+        "attn_implementation": model.config._attn_implementation,
+        "bits": args.bits,
+        "skipped_samples": skipped_samples,
+        "train_loss": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+    }
+    path = os.path.join(args.output_dir, "adsc_training.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)

@@ -30,7 +30,6 @@ count (``DataCheck.lengths`` / ``VlmDataset.image_tokens``).
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -43,9 +42,8 @@ from tqdm import tqdm
 from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from ..mm_utils import load_image
 from ..model.vlm import user_content
-from .data import MAX_REPORTED, DataCheck, DataError, _raise_problems, _sample_name, image_problem, load_records
+from .data import BadSamples, DataCheck, DataError, _sample_name, image_problem_kind, load_records
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["VlmSample", "VlmEncoded", "sample_messages", "split_segments", "encode_vlm_sample", "image_token_count",
            "check_vlm_records", "VlmDataset", "VlmDataCollator"]
@@ -298,7 +296,8 @@ def check_vlm_records(records: Sequence[Any], processor, image_folder: str | Non
     the images' tokens are placed against ``max_length``. Returns the check (kept records,
     skipped names, lengths where known), the kept samples and each kept sample's image
     token counts (empty where unknown)."""
-    result, problems, samples, counts = DataCheck(), [], [], []
+    result, samples, counts = DataCheck(), [], []
+    bad = BadSamples(result, len(records), skip_missing_images, skip_bad_samples)
     for index, record in enumerate(tqdm(records, desc="checking data", disable=len(records) < 10000)):
         sample = sample_messages(record, index)
         segments, is_answer = split_segments(processor, sample)
@@ -306,9 +305,8 @@ def check_vlm_records(records: Sequence[Any], processor, image_folder: str | Non
         problem, tokens = None, []
         for image in sample.images:
             path = os.path.join(image_folder or "", image)
-            text = image_problem(path)
-            if text is not None:
-                problem = ("missing image" if text.startswith("image file not found") else "undecodable image", text)
+            problem = image_problem_kind(path)
+            if problem is not None:
                 break
             with Image.open(path) as opened:
                 tokens.append(image_token_count(processor, *opened.size))
@@ -325,19 +323,8 @@ def check_vlm_records(records: Sequence[Any], processor, image_folder: str | Non
             if length is not None:
                 result.lengths.append(length)
             continue
-        kind, text = problem
-        if skip_bad_samples or (kind == "missing image" and skip_missing_images):
-            result.skipped.append(sample.name)
-            result.reasons.append(f"{sample.name}: {text}")
-            continue
-        problems.append((kind, f"{sample.name}: {text}"))
-        if len(problems) >= MAX_REPORTED:
-            _raise_problems(problems, stopped_at=index + 1, total=len(records))
-    if problems:
-        _raise_problems(problems)
-    if result.skipped:
-        logger.warning("dropped %d of %d samples, e.g. %s", len(result.skipped), len(records),
-                       "; ".join(result.reasons[:5]))
+        bad.add(sample.name, *problem, index)
+    bad.finish()
     return result, samples, counts
 
 

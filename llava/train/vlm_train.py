@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import replace
 
 from PIL import Image
@@ -51,7 +50,7 @@ from ..model.hub import resolve_pretrained
 from ..model.vlm import checkpoint_model_type, load_processor, read_recorded_spec, write_recorded_spec
 from .curriculum import CurriculumCallback, CurriculumPhase, plan_curriculum
 from .data import DataError
-from .trainer import LLaVATrainer, _move_into, _state_dict, _unquantised
+from .trainer import LLaVATrainer, _unquantised, final_output, write_training_summary
 from .vlm_data import VlmDataCollator, VlmDataset, image_token_count
 
 logger = logging.getLogger("llava.train")
@@ -293,13 +292,9 @@ def save_vlm_output(trainer, model, mode: str, processor_source: str, spec: Prun
     ``adapter_model.safetensors`` with the projector's ``modules_to_save``) and the base's
     config; ``full``: the complete model. Both with the processor files of
     ``processor_source`` and ``adsc_pruning.json`` (``spec``). Files move in by atomic renames."""
-    args = trainer.args
-    state = _state_dict(trainer)
-    if not args.should_save:
-        return
-    os.makedirs(args.output_dir, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)
-    try:
+    with final_output(trainer) as (scratch, state):
+        if scratch is None:
+            return
         config = _unquantised(model.config)
         if mode == "lora":
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(scratch, state_dict=state)
@@ -316,10 +311,7 @@ def save_vlm_output(trainer, model, mode: str, processor_source: str, spec: Prun
                 config.save_pretrained(scratch)
         copy_processor_files(processor_source, scratch)
         write_recorded_spec(scratch, spec)
-        _move_into(scratch, args.output_dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    logger.info("saved the %s output to %s", mode, args.output_dir)
+    logger.info("saved the %s output to %s", mode, trainer.args.output_dir)
 
 
 def _set_use_cache(config, value: bool) -> None:
@@ -400,27 +392,13 @@ def run_vlm_training(model_args, data_args, training_args, adsc, attn_implementa
     _set_use_cache(model.config, True)
     base_name = os.path.abspath(path) if os.path.isdir(model_args.model_name_or_path) else model_args.model_name_or_path
     save_vlm_output(trainer, model, mode, path, final, base_name)
-    if training_args.should_save:
-        nominal = plan.schedule_for(plan.target, plan.nominal_tokens) if plan.target is not None else None
-        summary = {
-            "mode": mode,
-            "model_type": model_type,
-            "target": final.to_dict(),
-            "target_budget_fraction": plan.fraction,
-            "nominal_image": {"size": list(NOMINAL_IMAGE), "vision_tokens": plan.nominal_tokens},
-            "final_schedule": nominal.describe() if nominal is not None else "all vision tokens",
-            "curriculum": [plan.describe(p, len(curriculum.phases)) for p in curriculum.phases] if curriculum else [],
-            "steps": trainer.state.global_step,
-            "seed": training_args.seed,
-            "attn_implementation": model.config._attn_implementation,
-            "bits": training_args.bits,
-            "skipped_samples": len(dataset.skipped),
-            "train_loss": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-        }
-        target_file = os.path.join(training_args.output_dir, "adsc_training.json")
-        with open(target_file + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(target_file + ".tmp", target_file)
+    nominal = plan.schedule_for(plan.target, plan.nominal_tokens) if plan.target is not None else None
+    write_training_summary(
+        trainer, mode, len(dataset.skipped), model_type=model_type, target=final.to_dict(),
+        target_budget_fraction=plan.fraction,
+        nominal_image={"size": list(NOMINAL_IMAGE), "vision_tokens": plan.nominal_tokens},
+        final_schedule=nominal.describe() if nominal is not None else "all vision tokens",
+        curriculum=[plan.describe(p, len(curriculum.phases)) for p in curriculum.phases] if curriculum else [])
     return TrainingResult(training_args.output_dir, model, trainer, dataset)
 
 

@@ -84,25 +84,7 @@ VERSION="${VERSION:-v1}"
 GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-True}"
 LAUNCHER="${LAUNCHER:-auto}"
 
-GPUS_VISIBLE="$(python -c 'import torch; print(torch.cuda.device_count())')"
-NUM_GPUS="${NUM_GPUS:-$GPUS_VISIBLE}"
-if [ "$LAUNCHER" = "auto" ]; then
-  if [ "$NUM_GPUS" -gt 0 ]; then LAUNCHER=deepspeed; else LAUNCHER=python; fi
-fi
-DEVICES=$(( NUM_GPUS > 0 ? NUM_GPUS : 1 ))
-if (( GLOBAL_BATCH % (PER_DEVICE_BATCH * DEVICES) != 0 )); then
-  echo "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of PER_DEVICE_BATCH=$PER_DEVICE_BATCH x $DEVICES device(s)" >&2
-  exit 2
-fi
-GRAD_ACCUM=$(( GLOBAL_BATCH / (PER_DEVICE_BATCH * DEVICES) ))
-
-if [ "$NUM_GPUS" -gt 0 ]; then
-  PRECISION=(--bf16 True --tf32 True)
-  NUM_WORKERS="${NUM_WORKERS:-4}"
-else
-  PRECISION=(--bf16 False --use_cpu True)
-  NUM_WORKERS="${NUM_WORKERS:-0}"
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/../_finetune_launch.sh"
 
 TARGET=(--vision_token_budget "$BUDGET")
 [ -n "${DROP_RATIO:-}" ] && TARGET=(--drop_ratio "$DROP_RATIO")
@@ -145,12 +127,6 @@ ARGS=(
   "${PRECISION[@]}"
   "${OPTIONAL[@]}"
 )
-# shellcheck disable=SC2206
-EXTRA=(${EXTRA_ARGS:-})
 
 echo "[finetune_adsc_lora] launcher=$LAUNCHER gpus=$NUM_GPUS accumulation=$GRAD_ACCUM output=$OUTPUT_DIR"
-if [ "$LAUNCHER" = "deepspeed" ]; then
-  exec deepspeed --num_gpus "$NUM_GPUS" --module llava.train.train "${ARGS[@]}" "${EXTRA[@]}"
-else
-  exec python -m llava.train.train "${ARGS[@]}" "${EXTRA[@]}"
-fi
+launch_training "${ARGS[@]}"
