@@ -23,17 +23,25 @@ CORE = [
 
 PLAYGROUND = ["scikit-learn>=1.4", "matplotlib>=3.8"]
 DEMO = ["gradio>=5", "pillow<13"]
+# What lmms-eval (0.7.x) needs to run our model on its tasks. lmms-eval itself is installed
+# without its declared dependencies (pip install --no-deps "lmms_eval==0.7.3"): it declares
+# torchvision, opencv, wandb==0.25 and ~40 more for its own built-in models, which this stack
+# neither needs nor can install beside torch's CPU wheel (docs/evaluation.md). filelock 4.3
+# dropped the private module lmms-eval's evaluator imports.
+LMMS = ["loguru>=0.7", "sacrebleu>=2", "evaluate>=0.4", "datasets>=2.19", "tenacity>=8.3", "pytablewriter>=1",
+        "filelock<4.3"]
 
 EXTRAS = {
     "train": ["deepspeed>=0.16", "bitsandbytes>=0.45"],
     "demo": DEMO,
     "flash": ["flash-attn>=2.6"],
     "playground": PLAYGROUND,
+    "lmms": LMMS,
     # deepspeed: the tests run the ZeRO-3 recipe in one CPU process; bitsandbytes: 4/8-bit
     # loading and a QLoRA step are tested on the CPU; gradio and playwright (driving the
     # system's Chromium, no browser download): the demo's API and browser tests
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "deepspeed>=0.16", "bitsandbytes>=0.45", *PLAYGROUND, *DEMO,
-            "playwright>=1.50"],
+            "playwright>=1.50", *LMMS],
 }
 
 setup(
@@ -46,5 +54,7 @@ setup(
     packages=find_packages(include=["llava", "llava.*", "adsc_patch", "adsc_patch.*"]),
     install_requires=CORE,
     extras_require=EXTRAS,
+    # lmms-eval finds our model by this entry point: python -m lmms_eval --model adsc ...
+    entry_points={"lmms_eval.models": ["adsc = llava.eval.lmms_adsc:MANIFEST"]},
     license="Apache-2.0",
 )

@@ -10,7 +10,7 @@ the file back. A mutation *survives* when its tests all pass: the suite has a ho
 report is a Markdown table; the exit code is 1 when any mutation survives or no longer
 applies (the code changed under it: update its text).
 
-Not part of CI's run (38 bugs, about three minutes on two cores); ``tests/test_mutation_check.py``
+Not part of CI's run (40 bugs, about three minutes on two cores); ``tests/test_mutation_check.py``
 checks on every run that each mutation still applies and names existing tests.
 """
 
@@ -233,6 +233,16 @@ MUTATIONS: tuple[Mutation, ...] = (
              "    return [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]",
              ("tests/llava/test_train_vlm.py::test_lora_steps_lower_the_loss_and_change_only_lora_and_merger_weights",),
              "LoRA targets by bare module names (as upstream), which reach the vision tower's MLPs too"),
+    Mutation("lmms-pruning-ignored", "llava/eval/lmms_adsc.py",
+             "                apply_pruning_args(self.model, flags)",
+             "                pass",
+             ("tests/llava/eval/test_lmms_eval.py::test_llava_through_lmms_eval_scores_as_our_scorers_and_answers_as_our_loader",),
+             "lmms-eval's model drops the pruning arguments of a LLaVA-1.5 checkpoint"),
+    Mutation("lmms-loglikelihood-shifted", "llava/eval/lmms_adsc.py",
+             "        predicted = logits[0, -n - 1:-1].float().log_softmax(-1)",
+             "        predicted = logits[0, -n:].float().log_softmax(-1)",
+             ("tests/llava/eval/test_lmms_eval.py::test_loglikelihood_is_the_first_generated_steps_log_probability",),
+             "each continuation token scored by the logits at its own position instead of the one before"),
     Mutation("vlm-chat-cost-unpruned", "llava/serve/vlm_chat.py",
              "            schedules = tuple(plan.schedule(self.num_layers, n) for n in image.grid_tokens)",
              "            schedules = (None,) * len(image.grids)",

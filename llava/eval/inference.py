@@ -51,7 +51,7 @@ from .pruning_args import add_pruning_args, apply_pruning_args, vlm_spec_from_ar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalQuestion", "AnswerFile", "BAD_QUESTION_POLICIES", "add_inference_args", "add_model_args", "load_model_from_args",
+__all__ = ["BatchAnswers", "answer_batch", "encode_question", "EvalQuestion", "AnswerFile", "BAD_QUESTION_POLICIES", "add_inference_args", "add_model_args", "load_model_from_args",
            "generation_kwargs", "prompt_batch", "get_chunk", "question_problems", "run_inference", "main_with_questions"]
 
 BAD_QUESTION_POLICIES = ("error", "record", "skip")
@@ -200,23 +200,31 @@ class _QuestionDataset(Dataset):
 
     def __getitem__(self, index):
         question = self.questions[index]
-        query = question.query
-        pixels = None
+        image = None
         if question.image is not None:
-            image_token = DEFAULT_IMAGE_TOKEN
-            if getattr(self.model_config, "mm_use_im_start_end", False):
-                image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-            query = f"{image_token}\n{query}"
             try:
                 image = load_image(os.path.join(self.image_folder, question.image))
             except ImageLoadError as error:
                 return index, None, str(error)  # an image that passed the check but does not decode
-            pixels = process_images([image], self.image_processor, self.model_config)[0]
-        conv = get_conv_template(self.conv_mode)
-        conv.append_message(conv.roles[0], query)
-        conv.append_message(conv.roles[1], None)
-        ids = tokenizer_image_token(conv.get_prompt(), self.tokenizer, return_tensors="pt")
+        ids, pixels = encode_question(question.query, image, self.tokenizer, self.image_processor, self.model_config,
+                                      self.conv_mode)
         return index, ids, pixels
+
+
+def encode_question(query: str, image, tokenizer, image_processor, model_config, conv_mode: str):
+    """``(input_ids (L,), pixels (3, H, W) or None)`` of one benchmark question as the loaders
+    prompt LLaVA-1.5: the image's marker first, then the question, in ``conv_mode``'s template."""
+    pixels = None
+    if image is not None:
+        image_token = DEFAULT_IMAGE_TOKEN
+        if getattr(model_config, "mm_use_im_start_end", False):
+            image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+        query = f"{image_token}\n{query}"
+        pixels = process_images([image], image_processor, model_config)[0]
+    conv = get_conv_template(conv_mode)
+    conv.append_message(conv.roles[0], query)
+    conv.append_message(conv.roles[1], None)
+    return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt"), pixels
 
 
 def _collate_left(pad_token_id):
@@ -410,22 +418,39 @@ def run_inference(args: argparse.Namespace, questions: list[EvalQuestion]) -> st
             progress.update(len(failed))
             if not indices:
                 continue
-            input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-            if pixels is not None:
-                pixels = pixels.to(model.device, dtype=model.dtype)
-            length = prompt_length_with_images(input_ids, mask, model.get_vision_tower().num_patches)
-            fitted = fit_new_tokens(length, args.max_new_tokens, context, "the question is too long for this model")
-            with torch.inference_mode():
-                output_ids = model.generate(input_ids, images=pixels, attention_mask=mask,
-                                            **dict(generation, max_new_tokens=fitted))
-            texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-            answers.append([_record(runnable[i], t.strip(), model_name) for i, t in zip(indices, texts)])
+            texts = answer_batch(model, tokenizer, input_ids, mask, pixels, generation, context).texts
+            answers.append([_record(runnable[i], t, model_name) for i, t in zip(indices, texts)])
             progress.update(len(indices))
 
     settings["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     settings["answered"] = len([q for q in questions if q.key in answers.done])
     write_json_atomic(answers.settings_path, settings)
     return args.answers_file
+
+
+@dataclass
+class BatchAnswers:
+    """``answer_batch``'s result: the texts, the call's trace (``None`` unpruned) and
+    ``generate``'s output (its cache: ``compat.output_cache``)."""
+
+    texts: list[str]
+    trace: object
+    output: object
+
+
+def answer_batch(model, tokenizer, input_ids, mask, pixels, generation: dict, context: int) -> BatchAnswers:
+    """Greedy (or sampled, per ``generation``) answers of a left-padded batch on our LLaVA-1.5
+    model, ``max_new_tokens`` cut to the room the context leaves."""
+    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+    if pixels is not None:
+        pixels = pixels.to(model.device, dtype=model.dtype)
+    length = prompt_length_with_images(input_ids, mask, model.get_vision_tower().num_patches)
+    fitted = fit_new_tokens(length, generation["max_new_tokens"], context, "the question is too long for this model")
+    with torch.inference_mode(), model.pruned_as(None) as record:
+        output = model.generate(input_ids, images=pixels, attention_mask=mask, return_dict_in_generate=True,
+                                **dict(generation, max_new_tokens=fitted))
+    texts = [text.strip() for text in tokenizer.batch_decode(output.sequences, skip_special_tokens=True)]
+    return BatchAnswers(texts, record.trace, output)
 
 
 def load_vlm_from_args(args: argparse.Namespace) -> LoadedVlm:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Sequence
 
 import torch
 
@@ -48,7 +49,7 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer(vocab_size: int):
+def _tokenizer(vocab_size: int, extra_text: Sequence[str] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -57,19 +58,21 @@ def _tokenizer(vocab_size: int):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(QWEN_SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(_CORPUS * 20, trainer)
+    bpe.train_from_iterator((_CORPUS + list(extra_text)) * 20, trainer)
     tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token=None, bos_token=None, model_max_length=2048)
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
 
 
-def make_tiny_vlm(out: str, seed: int = 0, layers: int = 4, hidden_size: int = 64, vocab_size: int = 400) -> str:
-    """Write a tiny random Qwen2.5-VL checkpoint (see the module docstring) to ``out``; returns it."""
+def make_tiny_vlm(out: str, seed: int = 0, layers: int = 4, hidden_size: int = 64, vocab_size: int = 400,
+                  extra_text: Sequence[str] = ()) -> str:
+    """Write a tiny random Qwen2.5-VL checkpoint (see the module docstring) to ``out``; returns it.
+    ``extra_text`` joins the tokenizer's training text."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = _tokenizer(vocab_size)
+    tokenizer = _tokenizer(vocab_size, extra_text)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
