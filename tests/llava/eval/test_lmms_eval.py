@@ -263,31 +263,32 @@ def test_a_bad_model_argument_ends_in_one_line_naming_it(bench, yes_no_llava, ca
     assert line.startswith("error: ") and message in line and "\n" not in line
 
 
-def test_two_processes_give_the_single_process_results(bench, yes_no_llava, tmp_path):
-    """``torchrun`` with two CPU processes (gloo): lmms-eval shards the requests by rank and
-    gathers them; the metrics equal the single-process run's."""
+def test_two_processes_under_accelerate_launch_give_the_single_process_results(bench, yes_no_llava, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` on the CPU (gloo) with lmms-eval's own
+    command line: the requests are shared between the two ranks (both write to the stats file)
+    and the metrics equal the single-process run's."""
     root, tasks = bench
+    stats = tmp_path / "stats.jsonl"
     model_args = f"pretrained={yes_no_llava},device=cpu,method=adsc,vision_token_budget=12,prune_layers=1;2"
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import json, sys\n"
-        "from lmms_eval.evaluator import simple_evaluate\n"
-        "from lmms_eval.tasks import TaskManager\n"
-        f"r = simple_evaluate(model='adsc', model_args={model_args!r}, tasks=['adsc_test_pope_adversarial', "
-        f"'adsc_test_mme'], batch_size=2, distributed_executor_backend='torchrun', "
-        f"task_manager=TaskManager(include_path={tasks!r}, include_defaults=False))\n"
-        "if r is not None:\n"
-        f"    json.dump({{k: {{m: v for m, v in t.items() if isinstance(v, float)}} for k, t in r['results'].items()}}, "
-        f"open({str(tmp_path / 'two.json')!r}, 'w'))\n")
+    names = ["adsc_test_pope_adversarial", "adsc_test_mme"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads((tmp_path / "two.json").read_text())
-    one = _evaluate(tasks, model_args)["results"]
-    for task in ("adsc_test_pope_adversarial", "adsc_test_mme"):
-        for metric, value in two[task].items():
-            assert one[task][metric] == pytest.approx(value), (task, metric)
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmms_eval",
+         "--model", "adsc", "--model_args", f"{model_args},stats_file={stats}", "--tasks", ",".join(names),
+         "--include_path", tasks, "--batch_size", "2", "--output_path", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    results_files = list((tmp_path / "out").rglob("*_results.json"))
+    assert done.returncode == 0 and len(results_files) == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    two = json.loads(results_files[0].read_text())["results"]
+    assert {json.loads(line)["rank"] for line in read_lines(stats)} == {0, 1}
+    one = simple_evaluate(model="adsc", model_args=model_args, tasks=names, batch_size=2,
+                          task_manager=TaskManager(include_path=tasks, include_defaults=False))["results"]
+    for task in names:
+        metrics = [m for m, v in one[task].items() if isinstance(v, float) and "stderr" not in m]
+        assert metrics
+        for metric in metrics:
+            assert two[task][metric] == pytest.approx(one[task][metric]), (task, metric)
 
 
 def test_the_batch_size_does_not_change_the_answers(bench, yes_no_llava):
