@@ -374,3 +374,29 @@ def test_multi_round_answers_each_round_as_generate_until_answers_its_text(bench
         _instance("generate_until", (text, gen, visual, 0, "t", "test"), 0)
         for text in (q["text"], f"You said {rounds[0]}. Are you sure?")])
     assert list(rounds) == single
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_load_4bit_and_8bit_quantise_the_language_model_and_answer_as_our_loader(bench, yes_no_llava, tmp_path, bits):
+    """``load_4bit`` / ``load_8bit``: the language model's linears are bitsandbytes layers, the
+    vision tower is not, and the answers are the loader's with the same flag."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from llava.eval.lmms_adsc import AdscLmms
+
+    root, _ = bench
+    model = AdscLmms.create_from_arg_string(f"pretrained={yes_no_llava},device=cpu,load_{bits}bit=True,"
+                                            "method=adsc,vision_token_budget=12,prune_layers=1;2", {"batch_size": 2})
+    layer = (bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt)
+    assert isinstance(model.model.model.layers[0].self_attn.q_proj, layer)
+    assert not any(isinstance(m, layer) for m in model.model.get_vision_tower().modules())
+    questions = [json.loads(line) for line in read_lines(f"{root}/pope/llava_pope_test.jsonl")][:4]
+    docs = {i: {"image_path": f"{root}/pope/val2014/{q['image']}"} for i, q in enumerate(questions)}
+    model.task_dict = {"t": {"test": docs}}
+    gen = {"max_new_tokens": 1, "temperature": 0, "until": ["<|never|>"]}
+    answers = model.generate_until([_instance("generate_until", (q["text"], gen, lambda d: [Image.open(d["image_path"])],
+                                                                 i, "t", "test"), i) for i, q in enumerate(questions)])
+    question_file = _jsonl(tmp_path / "q.jsonl", questions)
+    loader = _loader_answers(yes_no_llava, question_file, f"{root}/pope/val2014", tmp_path / "a.jsonl",
+                             [f"--load-{bits}bit", "--prune-method", "adsc", "--vision-token-budget", "12",
+                              "--prune-layers", "1,2"])
+    assert answers == [loader[(q["question_id"], q["text"])] for q in questions]
