@@ -8,6 +8,7 @@ one of the two): on such answers lmms-eval's scoring and LLaVA's official scorin
 agree, and they are compared on the very answers lmms-eval's run produced. The answers
 themselves must be ``model_vqa_loader``'s for the same prompts and setting."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -20,9 +21,6 @@ from safetensors.torch import load_file, save_file
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is installed by scripts/test.sh (setup.py's lmms extra)")
 
-from lmms_eval.evaluator import simple_evaluate  # noqa: E402
-from lmms_eval.tasks import TaskManager  # noqa: E402
-
 from llava.cli import UsageExit  # noqa: E402
 from llava.eval import model_vqa_loader  # noqa: E402
 from llava.eval.eval_mme import score_mme  # noqa: E402
@@ -30,7 +28,32 @@ from llava.eval.eval_pope import SPLITS, score_pope  # noqa: E402
 from llava.tools.make_tiny_benchmarks import make_tiny_benchmarks  # noqa: E402
 from tests.helpers import read_lines  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "lmms_eval_imported")
+
+
+@pytest.fixture(scope="module")
+def lmms_eval_imported():
+    """lmms-eval's evaluator, imported here and not at collection: importing its task module sets
+    PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES``, which would let truncated images pass
+    every other module's image checks; the flag is put back when this module is done."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    importlib.import_module("lmms_eval.evaluator")
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def simple_evaluate(*args, **kwargs):
+    from lmms_eval.evaluator import simple_evaluate as evaluate
+
+    return evaluate(*args, **kwargs)
+
+
+def TaskManager(*args, **kwargs):  # noqa: N802 - lmms-eval's class, imported late
+    from lmms_eval.tasks import TaskManager as manager
+
+    return manager(*args, **kwargs)
 
 YES_NO_TEXT = ["Yes No yes no Yes. No."] * 5
 SHORT = "\nAnswer the question using a single word or phrase."
