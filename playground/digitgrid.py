@@ -15,6 +15,10 @@ The task is fixed so that others can generate compatible data:
   {d} in the image?" -> "Yes"/"No"; ``locate`` "In which row is the digit {d}?" -> "{r}"
   (a digit present once). Rows and columns count from 1. Evaluation questions other than
   ``transcribe`` end with "\\nAnswer the question using a single word or phrase.".
+* Images of varying size (the study on a dynamic-resolution model, ``sizes=SIZES``): after
+  an image's grid is drawn, its width and then its height are drawn independently from
+  ``SIZES`` (96, 120, 144 px) and the 96 x 96 image is resized to them (bilinear); cells and
+  answers are unchanged. A grid drawn at 96 x 96 is the fixed-size image exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -36,6 +41,7 @@ EMPTY = "_"
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 TRANSCRIBE_PROMPT = "Describe the grid."
 CATEGORIES = ("transcribe", "read", "count", "exist", "locate")
+SIZES = (120, 144, 168)
 
 
 @lru_cache(maxsize=1)
@@ -68,14 +74,16 @@ class Grid:
     cells: tuple
     sources: tuple
 
-    def render(self) -> Image.Image:
+    def render(self, size: tuple[int, int] | None = None) -> Image.Image:
+        """The RGB image; ``size`` ``(width, height)``: resized to it (bilinear)."""
         glyphs, _ = _digits()
         canvas = np.full((IMAGE_SIZE, IMAGE_SIZE), 255, dtype=np.uint8)
         for position, source in enumerate(self.sources):
             if source is not None:
                 row, col = divmod(position, GRID)
                 canvas[row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL] = glyphs[source]
-        return Image.fromarray(canvas).convert("RGB")
+        image = Image.fromarray(canvas).convert("RGB")
+        return image if size is None or tuple(size) == image.size else image.resize(tuple(size), Image.BILINEAR)
 
     def transcription(self) -> str:
         rows = []
@@ -92,6 +100,13 @@ def random_grid(rng: np.random.Generator, split: str) -> Grid:
     sources = tuple(None if e else int(s) for e, s in zip(empty, drawn))
     cells = tuple(None if s is None else int(targets[s]) for s in sources)
     return Grid(cells, sources)
+
+
+def random_size(rng: np.random.Generator, sizes: Sequence[int]) -> tuple[int, int]:
+    """``(width, height)``, each drawn from ``sizes`` (width first)."""
+    width = int(sizes[int(rng.integers(len(sizes)))])
+    height = int(sizes[int(rng.integers(len(sizes)))])
+    return width, height
 
 
 def questions_for(grid: Grid, rng: np.random.Generator) -> list[tuple[str, str, str]]:
@@ -115,17 +130,19 @@ def questions_for(grid: Grid, rng: np.random.Generator) -> list[tuple[str, str, 
     return out
 
 
-def write_training_data(out_dir: str, images: int, seed: int, secondary_share: float = 0.0) -> str:
+def write_training_data(out_dir: str, images: int, seed: int, secondary_share: float = 0.0,
+                        sizes: Sequence[int] | None = None) -> str:
     """LLaVA JSON of ``images`` training grids: every image transcribed; with
     ``secondary_share`` > 0 that fraction of the images also gets one secondary question
-    as a second sample. Returns the JSON path (images in ``out_dir/images``)."""
+    as a second sample; with ``sizes``, images of varying size (module docstring). Returns
+    the JSON path (images in ``out_dir/images``)."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
     for index in range(images):
         grid = random_grid(rng, "train")
         name = f"images/train_{index:06d}.png"
-        grid.render().save(os.path.join(out_dir, name))
+        grid.render(random_size(rng, sizes) if sizes else None).save(os.path.join(out_dir, name))
         questions = questions_for(grid, rng)
         records.append(_record(f"train-{index}-transcribe", name, *questions[0][1:]))
         if secondary_share > 0 and rng.random() < secondary_share:
@@ -141,17 +158,18 @@ def _record(ident: str, image: str, question: str, answer: str) -> dict:
         {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
 
 
-def write_eval_data(out_dir: str, images: int, seed: int, secondary_images: int | None = None) -> tuple[str, str]:
+def write_eval_data(out_dir: str, images: int, seed: int, secondary_images: int | None = None,
+                    sizes: Sequence[int] | None = None) -> tuple[str, str]:
     """The evaluation question file and ground-truth file (JSON lines) in ``out_dir``: a
     transcription per image, and secondary questions for the first ``secondary_images``
-    images (default: all)."""
+    images (default: all); with ``sizes``, images of varying size (module docstring)."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     questions, truth = [], []
     for index in range(images):
         grid = random_grid(rng, "eval")
         name = f"eval_{index:05d}.png"
-        grid.render().save(os.path.join(out_dir, "images", name))
+        grid.render(random_size(rng, sizes) if sizes else None).save(os.path.join(out_dir, "images", name))
         for category, question, answer in questions_for(grid, rng):
             if category != "transcribe" and secondary_images is not None and index >= secondary_images:
                 continue

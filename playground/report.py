@@ -42,14 +42,14 @@ def _model_and_batch(path: str, eval_dir: str, batch: int, device: str):
     return model, input_ids.to(model.device), mask.to(model.device), pixels, int(mask[0].sum()) - 1
 
 
-def _prefill_ms(model, input_ids, mask, pixels, repeats: int = 5) -> float:
-    """Median wall time of ``repeats`` prefills (after one warm-up), in milliseconds."""
+def _prefill_ms(prefill, on_cuda: bool, repeats: int = 5) -> float:
+    """Median wall time of ``repeats`` calls of ``prefill()`` (after one warm-up), in milliseconds."""
     times = []
     with torch.inference_mode():
         for i in range(repeats + 1):
             start = time.perf_counter()
-            model(input_ids=input_ids, attention_mask=mask, images=pixels, use_cache=True, logits_to_keep=1)
-            if input_ids.is_cuda:
+            prefill()
+            if on_cuda:
                 torch.cuda.synchronize()
             if i:
                 times.append((time.perf_counter() - start) * 1000)
@@ -84,7 +84,8 @@ def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
         key = ((model.config.prune_method, model.config.prune_selection, schedule.prune_layers, schedule.stage_tokens)
                if schedule.enabled else ())
         if key not in prefill_ms:
-            prefill_ms[key] = _prefill_ms(model, input_ids, mask, pixels)
+            prefill_ms[key] = _prefill_ms(lambda: model(input_ids=input_ids, attention_mask=mask, images=pixels,
+                                                        use_cache=True, logits_to_keep=1), input_ids.is_cuda)
         workload = Workload(text_tokens=text_tokens, new_tokens=ANSWER_TOKENS, bytes_per_value=bytes_per_value)
         cost = schedule_cost(shape, model.config.prune_method if schedule.enabled else None, schedule, workload,
                              pre_llm=model.pre_llm_plan())
@@ -102,6 +103,89 @@ def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
         "bytes_per_value": bytes_per_value, "device": str(model.device),
         "flops": "dense matrix products of the language model, prefill (last-position logits) + decode of the answer "
                  "+ a score-based method's ranking rows; vision: tower + projector (adsc_patch.profile.schedule_cost)",
+    }
+    return out
+
+
+def _vlm_spec(setting):
+    """The ``PruningSpec`` a transformers-VLM row runs under: its schedule, or what its
+    checkpoint recorded (the full model: nothing)."""
+    from adsc_patch import PruningSpec
+    from llava.model.vlm import read_recorded_spec
+
+    if setting.schedule is None:
+        return read_recorded_spec(setting.path) or PruningSpec.off()
+    schedule = setting.schedule
+    return PruningSpec(method=schedule["method"], budget_fraction=schedule["budget_fraction"],
+                       layers=tuple(schedule["prune_layers"]), selection=schedule.get("selection", "uniform_2d"))
+
+
+def vlm_efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
+    """``efficiency`` on a transformers VLM whose images differ in size: FLOPs, KV and vision
+    tokens are the mean over the evaluation transcriptions, each image at its own size under
+    its own schedule (``adsc_patch.profile.model_cost`` at the row's fraction); the prefill is
+    timed on one batch of transcription prompts (images of mixed size), every spec in one run."""
+    from contextlib import nullcontext
+
+    from PIL import Image
+
+    from adsc_patch.profile import Workload, load_shape, model_cost
+    from adsc_patch.session import pruning
+    from llava.eval.io import read_jsonl
+    from llava.model.vlm import chat_messages, encode_prompts, load_transformers_vlm
+
+    loaded = load_transformers_vlm(settings["full"].path, device=device)
+    model = loaded.model
+    shape = load_shape(settings["full"].path)
+    questions = [q for q in read_jsonl(os.path.join(eval_dir, "digitgrid_questions.jsonl"))
+                 if q["category"] == "transcribe"]
+    sizes = []
+    for question in questions:
+        with Image.open(os.path.join(eval_dir, "images", question["image"])) as image:
+            sizes.append(image.size)
+    timed = questions[:batch]
+    images = [[Image.open(os.path.join(eval_dir, "images", q["image"])).convert("RGB")] for q in timed]
+    inputs = encode_prompts(loaded, [chat_messages([(q["text"], None)], [1]) for q in timed], images)
+    vision = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    text_tokens = int(inputs["attention_mask"][0].sum()) - vision
+    bytes_per_value = torch.finfo(model.dtype).bits // 8
+    out, prefill_ms, costs = {}, {}, {}
+    for name, setting in settings.items():
+        spec = _vlm_spec(setting)
+        key = repr(spec.to_dict()) if spec.enabled else ""
+        if key not in prefill_ms:
+            def prefill():
+                with pruning(model, spec) if spec.enabled else nullcontext():
+                    model(**inputs, use_cache=True, logits_to_keep=1)
+
+            prefill_ms[key] = _prefill_ms(prefill, model.device.type == "cuda")
+        per_image = []
+        for width, height in sizes:
+            if (key, width, height) not in costs:
+                workload = Workload(text_tokens=text_tokens, new_tokens=ANSWER_TOKENS, bytes_per_value=bytes_per_value,
+                                    image_width=width, image_height=height)
+                costs[key, width, height] = model_cost(
+                    shape, spec.method if spec.enabled else None, None, workload,
+                    prune_layers=spec.layers if spec.enabled else None,
+                    budget_fraction=spec.budget_fraction if spec.enabled else None)
+            per_image.append(costs[key, width, height])
+        out[name] = {
+            "average_vision_tokens": statistics.mean(c.mean_vision_tokens for c in per_image),
+            "average_vision_token_fraction": statistics.mean(c.mean_vision_tokens / c.image.vision_tokens
+                                                             for c in per_image),
+            "vision_tokens_per_stage": None,
+            "gflops": statistics.mean(c.language_model_flops for c in per_image) / 1e9,
+            "prefill_gflops": statistics.mean(c.prefill_flops for c in per_image) / 1e9,
+            "vision_gflops": statistics.mean(c.tower_flops + c.projector_flops for c in per_image) / 1e9,
+            "peak_kv_kb": statistics.mean(c.kv_peak_bytes for c in per_image) / 2**10,
+            "prefill_ms": prefill_ms[key],
+        }
+    out["_assumptions"] = {
+        "text_tokens": text_tokens, "answer_tokens": ANSWER_TOKENS, "batch_for_timing": len(timed),
+        "bytes_per_value": bytes_per_value, "device": str(model.device), "images": len(sizes),
+        "flops": "mean over the evaluation transcriptions, each image at its own size and schedule: dense matrix "
+                 "products of the language model, prefill (last-position logits) + decode of the answer + a "
+                 "score-based method's ranking rows; vision: tower + merger (adsc_patch.profile.model_cost)",
     }
     return out
 
@@ -130,6 +214,8 @@ def _rows(settings: dict, results: dict, cost: dict) -> list[dict]:
         result = results[name]
         row = {"setting": name, "method": setting.method, "budget": setting.budget, "ablation": setting.ablation,
                "seed": setting.seed, "average_vision_tokens": cost[name]["average_vision_tokens"],
+               **({"average_vision_token_fraction": cost[name]["average_vision_token_fraction"]}
+                  if "average_vision_token_fraction" in cost[name] else {}),
                "cell_accuracy": result["transcribe"]["cell_accuracy"],
                "exact_match": result["transcribe"]["exact_match"]}
         row.update({category: result[category]["accuracy"] for category in SECONDARY if category in result})
@@ -176,10 +262,14 @@ def _accuracy_cell(row: dict) -> str:
 
 
 def _accuracy_table(rows: list[dict]) -> list[str]:
-    lines = _header("setting", "method", "avg vision tokens", "cell acc (%)", "exact match (%)", *SECONDARY,
-                    "rel. to full (%)", "drop (pts)")
+    """One line per row; where images differ in size, also the mean vision tokens per layer as
+    a share of each image's own."""
+    shares = all("average_vision_token_fraction" in r for r in rows)
+    lines = _header("setting", "method", "avg vision tokens", *(["share of image's tokens (%)"] if shares else []),
+                    "cell acc (%)", "exact match (%)", *SECONDARY, "rel. to full (%)", "drop (pts)")
     for r in rows:
-        cells = [r["setting"], r["method"], f"{r['average_vision_tokens']:.1f}", _accuracy_cell(r),
+        share = [_pct(r["average_vision_token_fraction"])] if shares else []
+        cells = [r["setting"], r["method"], f"{r['average_vision_tokens']:.1f}", *share, _accuracy_cell(r),
                  _pct(r["exact_match"]), *(_pct(r.get(n)) for n in SECONDARY), _num(r["relative_to_full"]),
                  "" if r["setting"] == "full" else _num(r["drop_points"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -212,7 +302,9 @@ def _efficiency_table(cost: dict, shown: list[str]) -> list[str]:
             f"| {100 * c['prefill_ms'] / base['prefill_ms']:.1f} |"
         )
     a = cost["_assumptions"]
-    lines += ["", f"FLOPs and KV cache: one prompt of {a['text_tokens']} text tokens and one image, {a['answer_tokens']} "
+    image = (f"one image, each of the {a['images']} evaluation images at its own size and schedule (means)"
+             if "images" in a else "one image")
+    lines += ["", f"FLOPs and KV cache: one prompt of {a['text_tokens']} text tokens and {image}, {a['answer_tokens']} "
               f"answer tokens, {a['bytes_per_value']}-byte values (analytic, `adsc_patch.profile`). Prefill: median of 5 "
               f"after a warm-up, a batch of {a['batch_for_timing']} prompts on {a['device']}, every schedule in one run "
               "(settings with the same schedule share it)."]
@@ -224,7 +316,8 @@ def write_report(run_dir: str, settings: dict, results: dict, cost: dict, config
     rows = _rows(settings, results, cost)
     merged = merge_seeds(rows)
     main_rows = [r for r in merged if r["ablation"] is None]
-    lines = ["# DigitGrid: ADSC in miniature", "",
+    title = {"qwen2_5_vl": " on Qwen2.5-VL (images of varying size)"}.get(config.get("arch"), "")
+    lines = [f"# DigitGrid: ADSC in miniature{title}", "",
              "Evaluation grids use handwritten digits never seen in training. Main task: transcription, scored per "
              "cell; `read`/`count`/`exist`/`locate` are secondary questions with no target. Relative = cell accuracy "
              "over the full model's; drop = 100 - relative, as in the paper.", "",
@@ -277,20 +370,24 @@ def _plot(path: str, rows: list[dict], finetuned: list[dict] = ()) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.8))
     methods: dict[str, list] = {}
     full = None
+    shares = all("average_vision_token_fraction" in r for r in [*rows, *finetuned])
+
+    def tokens(row: dict) -> float:  # the x axis: tokens, or where images differ in size % of each one's
+        return 100 * row["average_vision_token_fraction"] if shares else row["average_vision_tokens"]
+
     for r in rows:
         if r["setting"] == "full":
             full = r
             continue
         low, high = r.get("cell_accuracy_range", (r["cell_accuracy"], r["cell_accuracy"]))
-        methods.setdefault(r["method"], []).append(
-            (r["average_vision_tokens"], 100 * r["cell_accuracy"], 100 * low, 100 * high))
+        methods.setdefault(r["method"], []).append((tokens(r), 100 * r["cell_accuracy"], 100 * low, 100 * high))
     for method, points in methods.items():
         points.sort()
         x, y = [p[0] for p in points], [p[1] for p in points]
         spread = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
         ax.errorbar(x, y, yerr=spread if any(map(any, spread)) else None, marker="o", capsize=3, label=method)
     if finetuned:
-        x = [r["average_vision_tokens"] for r in finetuned]
+        x = [tokens(r) for r in finetuned]
         y = [100 * r["cell_accuracy"] for r in finetuned]
         ax.scatter(x, y, marker="x", color="black", label="baselines fine-tuned like ADSC", zorder=3)
         label_y = None
@@ -302,7 +399,8 @@ def _plot(path: str, rows: list[dict], finetuned: list[dict] = ()) -> None:
     if full is not None:
         ax.axhline(100 * full["cell_accuracy"], linestyle="--", color="grey",
                    label=f"full model ({full['average_vision_tokens']:.0f} tokens)")
-    ax.set_xlabel("average vision tokens per layer")
+    ax.set_xlabel("mean vision tokens per layer, % of each image's own" if shares
+                  else "average vision tokens per layer")
     ax.set_ylabel("transcription cell accuracy (%)")
     ax.set_title("DigitGrid: accuracy vs. vision tokens")
     ax.legend(fontsize=7, loc="center right")

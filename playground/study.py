@@ -18,6 +18,12 @@ Stages (each is skipped when its output exists, so an interrupted study resumes)
    ``--ablations``) and ``accuracy_vs_tokens.png`` (Figure 2 analog).
 
 Everything lands in ``playground/runs/<name>/``; data in ``playground/data/``.
+
+``--arch qwen2_5_vl`` runs the same stages on a tiny Qwen2.5-VL of transformers' own classes
+(``playground.qwen``) with DigitGrid images of varying size, so every image has its own
+number of vision tokens and its own schedule: budgets are fractions of each image's tokens,
+fine-tunes run ``scripts/qwen2_5_vl/finetune_adsc_lora.sh``, and the baselines are the
+in-decoder ones (the pre-LLM methods are LLaVA-1.5's).
 """
 
 from __future__ import annotations
@@ -56,6 +62,13 @@ BASELINES = {
     "visionzip_spread": ("VisionZip, spread variant", "visionzip_spread", None),
 }
 DEFAULT_BASELINES = ("random", "fastv", "pdrop", "tome", "visionzip", "pool")
+ARCHITECTURES = ("llava", "qwen2_5_vl")
+# Per architecture: what differs from the LLaVA-1.5 study's defaults (``StudyConfig.for_arch``).
+ARCH_DEFAULTS = {
+    "llava": {},
+    "qwen2_5_vl": dict(arch="qwen2_5_vl", image_sizes=(120, 144, 168), tower_hidden_size=128, tower_layers=4,
+                       tower_steps=900, tower_lr=4e-3, full_steps=600, baselines=("random", "fastv", "pdrop")),
+}
 
 
 @dataclass
@@ -63,6 +76,7 @@ class StudyConfig:
     """Every knob of the study; presets below. Steps are optimizer steps."""
 
     name: str = "default"
+    arch: str = "llava"  # llava (LLaVA-1.5) | qwen2_5_vl (transformers' Qwen2.5-VL, images of varying size)
     device: str = "cpu"
     seed: int = 0
     train_images: int = 6000
@@ -76,7 +90,9 @@ class StudyConfig:
     tower_rotate: float = 0.0  # degrees; off by default (5 layers reached 98.4% on a probe without it)
     tower_scale: float = 0.0
     tower_layers: int = 5
+    tower_hidden_size: int = 128
     image_size: int = 88  # 11 x 11 patches of 8 px: 2.75 per digit cell, so patches and cells do not line up
+    image_sizes: tuple = ()  # DigitGrid sizes of varying-size images (empty: every image 96 x 96)
     layers: int = 16
     hidden_size: int = 96
     intermediate_size: int = 192
@@ -103,21 +119,35 @@ class StudyConfig:
     budgets: tuple = field(default_factory=lambda: tuple(name for name, _ in BUDGETS))
 
     @classmethod
+    def for_arch(cls, arch: str, preset: str = "default", **overrides) -> "StudyConfig":
+        """The study on ``arch`` (``ARCHITECTURES``) under ``preset`` (default, smoke or cuda):
+        the architecture's defaults, then the preset's, then ``overrides``. Run folders of
+        other architectures than LLaVA-1.5 are named after them."""
+        if arch not in ARCH_DEFAULTS:
+            raise ValueError(f"architecture {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
+        values = {**ARCH_DEFAULTS[arch], **PRESETS[preset]}
+        if arch != "llava":
+            values["name"] = arch if preset != "smoke" else f"{arch}-smoke"
+        return cls(**{**values, **overrides})
+
+    @classmethod
     def smoke(cls, **overrides) -> "StudyConfig":
         """A few minutes on a CPU, for CI: every stage runs, nothing is expected to learn."""
-        base = dict(name="smoke", train_images=96, eval_images=8, secondary_eval_images=2, tower_steps=4,
-                    full_steps=4, adsc_steps=3, full_batch=8, adsc_batch=8, eval_batch=8)
-        base.update(overrides)
-        return cls(**base)
+        return cls(**{**PRESETS["smoke"], **overrides})
 
     @classmethod
     def cuda(cls, **overrides) -> "StudyConfig":
         """The same study scaled up for a GPU: more data, steps and evaluation images."""
-        base = dict(device="cuda", train_images=20000, eval_images=1000, secondary_eval_images=200,
-                    tower_steps=2000, full_steps=2000, adsc_steps=600)
-        base.update(overrides)
-        return cls(**base)
+        return cls(**{**PRESETS["cuda"], **overrides})
 
+
+PRESETS = {
+    "default": {},
+    "smoke": dict(name="smoke", train_images=96, eval_images=8, secondary_eval_images=2, tower_steps=4,
+                  full_steps=4, adsc_steps=3, full_batch=8, adsc_batch=8, eval_batch=8),
+    "cuda": dict(device="cuda", train_images=20000, eval_images=1000, secondary_eval_images=200,
+                 tower_steps=2000, full_steps=2000, adsc_steps=600),
+}
 
 # May differ between runs in one folder: they change what is added or how fast, not what is there.
 FIELDS_FREE_ON_RESUME = ("name", "device", "ablations", "eval_batch", "finetune_seeds", "baselines",
@@ -138,8 +168,16 @@ class Study:
         train_set = f"train-{config.train_images}-{config.seed}"
         if config.secondary_share:
             train_set += f"-secondary{config.secondary_share:g}"
-        self.data_dir = os.path.join(workdir, "data", "digitgrid", train_set)
-        self.eval_dir = os.path.join(workdir, "data", "eval", "digitgrid")
+        sizes = "-sizes" + "-".join(map(str, config.image_sizes)) if config.image_sizes else ""
+        self.data_dir = os.path.join(workdir, "data", "digitgrid", train_set + sizes)
+        self.eval_dir = os.path.join(workdir, "data", "eval", "digitgrid" + sizes)
+        if config.arch not in ARCH_DEFAULTS:
+            raise ValueError(f"architecture {config.arch!r}: expected one of {', '.join(ARCHITECTURES)}")
+        if config.arch != "llava":
+            before_decoder = [b for b in config.baselines if not get_method(BASELINES[b][1]).in_decoder]
+            if before_decoder:
+                raise ValueError(f"baselines {', '.join(before_decoder)} prune before the decoder, which only "
+                                 f"LLaVA-1.5 supports; on {config.arch} the baselines are the in-decoder ones")
         os.makedirs(self.ckpt, exist_ok=True)
         self._claim_run_dir()
         self.timings: dict[str, float] = {}
@@ -160,6 +198,11 @@ class Study:
                              "its finished stages would be reused, so give this study another --name "
                              "or delete that folder")
 
+    @property
+    def qwen(self) -> bool:
+        """Whether this is the study on transformers' Qwen2.5-VL (``playground.qwen``)."""
+        return self.config.arch == "qwen2_5_vl"
+
     # ----------------------------------------------------------------------- stages
     def _stage(self, name: str, done: bool, run) -> None:
         if done:
@@ -177,13 +220,15 @@ class Study:
         c = self.config
         train_json = os.path.join(self.data_dir, "train.json")
         self._stage("data/train", os.path.exists(train_json),
-                    lambda: write_training_data(self.data_dir, c.train_images, c.seed, c.secondary_share))
+                    lambda: write_training_data(self.data_dir, c.train_images, c.seed, c.secondary_share,
+                                                c.image_sizes or None))
         eval_marker = os.path.join(self.eval_dir, f"{c.eval_images}-{c.secondary_eval_images}-{c.seed}.done")
 
         def make_eval():
             if os.path.isdir(self.eval_dir):
                 shutil.rmtree(self.eval_dir)
-            write_eval_data(self.eval_dir, c.eval_images, c.seed + 1000, secondary_images=c.secondary_eval_images)
+            write_eval_data(self.eval_dir, c.eval_images, c.seed + 1000, secondary_images=c.secondary_eval_images,
+                            sizes=c.image_sizes or None)
             open(eval_marker, "w").close()
 
         self._stage("data/eval", os.path.exists(eval_marker), make_eval)
@@ -195,9 +240,19 @@ class Study:
         c = self.config
 
         def run():
-            accuracy = pretrain_tower(out + ".tmp", steps=c.tower_steps, batch_size=c.tower_batch, lr=c.tower_lr,
-                                      seed=c.seed, device=c.device, config=tower_config(c.image_size, layers=c.tower_layers),
-                                      jitter=c.tower_jitter, rotate=c.tower_rotate, scale=c.tower_scale, log_every=max(1, c.tower_steps // 6))
+            if self.qwen:
+                from . import qwen
+
+                accuracy = qwen.pretrain_tower(
+                    out + ".tmp", qwen.vision_config(c.tower_hidden_size, c.tower_layers, c.hidden_size),
+                    steps=c.tower_steps, batch_size=c.tower_batch, lr=c.tower_lr, seed=c.seed, device=c.device,
+                    jitter=c.tower_jitter, sizes=c.image_sizes, log_every=max(1, c.tower_steps // 6))
+            else:
+                accuracy = pretrain_tower(out + ".tmp", steps=c.tower_steps, batch_size=c.tower_batch, lr=c.tower_lr,
+                                          seed=c.seed, device=c.device,
+                                          config=tower_config(c.image_size, hidden_size=c.tower_hidden_size, layers=c.tower_layers),
+                                          jitter=c.tower_jitter, rotate=c.tower_rotate, scale=c.tower_scale,
+                                          log_every=max(1, c.tower_steps // 6))
             with open(os.path.join(out + ".tmp", "pretrain_accuracy.json"), "w") as f:
                 json.dump(accuracy, f)
             os.replace(out + ".tmp", out)
@@ -205,13 +260,21 @@ class Study:
         self._stage("tower", os.path.exists(os.path.join(out, "config.json")), run)
 
     def init_model(self) -> None:
-        from .model import build_initial_checkpoint
-
         out = os.path.join(self.ckpt, "init")
         c = self.config
-        self._stage("init", os.path.exists(os.path.join(out, "config.json")),
-                    lambda: build_initial_checkpoint(out, os.path.join(self.ckpt, "tower"), c.layers, c.hidden_size,
-                                                     c.intermediate_size, c.seed))
+        tower = os.path.join(self.ckpt, "tower")
+
+        def run():
+            if self.qwen:
+                from .qwen import build_initial_checkpoint
+            else:
+                from .model import build_initial_checkpoint
+            if os.path.exists(out + ".tmp"):
+                shutil.rmtree(out + ".tmp")
+            build_initial_checkpoint(out + ".tmp", tower, c.layers, c.hidden_size, c.intermediate_size, c.seed)
+            os.replace(out + ".tmp", out)
+
+        self._stage("init", os.path.exists(os.path.join(out, "config.json")), run)
 
     def train_full(self) -> None:
         from llava.train.train import run_training
@@ -228,7 +291,7 @@ class Study:
 
     def _train_args(self, model, out, steps, batch, lr, extra) -> list[str]:
         return [
-            "--model_name_or_path", model, "--version", "v1",
+            "--model_name_or_path", model, *([] if self.qwen else ["--version", "v1"]),
             "--data_path", os.path.join(self.data_dir, "train.json"), "--image_folder", self.data_dir,
             "--output_dir", out, "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
             "--learning_rate", str(lr), "--mm_projector_lr", str(lr), "--warmup_ratio", "0.05",
@@ -245,6 +308,13 @@ class Study:
         tower = CLIPVisionConfig.from_pretrained(os.path.join(self.ckpt, "tower"))
         return (tower.image_size // tower.patch_size) ** 2 * fraction
 
+    def budget(self, fraction: float) -> dict:
+        """The budget entry of a schedule: LLaVA-1.5's mean vision tokens per layer, or on a model
+        whose images differ in size the fraction of each image's own tokens."""
+        if self.qwen:
+            return {"budget_fraction": fraction}
+        return {"vision_token_budget": self.budget_tokens(fraction)}
+
     def method_schedule(self, baseline: str, fraction: float) -> dict:
         """``configure_pruning`` arguments of a baseline at ``fraction`` of the vision tokens.
 
@@ -254,7 +324,7 @@ class Study:
         pick; the pre-LLM methods take no layers."""
         _, method, selection = BASELINES[baseline]
         layers = list(get_method(method).layers_on_recorded(self.config.prune_layers, self.config.layers))
-        schedule = {"prune_layers": layers, "vision_token_budget": self.budget_tokens(fraction), "method": method}
+        schedule = {"prune_layers": layers, **self.budget(fraction), "method": method}
         if selection:
             schedule["selection"] = selection
         return schedule
@@ -276,7 +346,7 @@ class Study:
             env = dict(
                 os.environ,
                 MODEL_PATH=os.path.join(self.ckpt, "full"), DATA_PATH=os.path.join(self.data_dir, "train.json"),
-                IMAGE_FOLDER=self.data_dir, OUTPUT_DIR=lora_out, BUDGET=f"{self.budget_tokens(fraction):.6f}",
+                IMAGE_FOLDER=self.data_dir, OUTPUT_DIR=lora_out,
                 PRUNE_LAYERS=",".join(map(str, method["prune_layers"])), PRUNE_METHOD=method["method"],
                 SELECTION=method.get("selection", "uniform_2d"), CURRICULUM=overrides.get("curriculum", c.curriculum),
                 PHASE_FRACTIONS=",".join(f"{x:g}" for x in c.curriculum_phase_fractions),
@@ -287,13 +357,18 @@ class Study:
                 SAVE_STEPS="100000", SEED=str(overrides.get("seed", c.seed)), NUM_WORKERS="0",
                 PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
             )
+            if self.qwen:
+                env.update(BUDGET_FRACTION=f"{fraction:.6f}", SAVE_EVERY_MINUTES="0")
+                script = os.path.join(ROOT, "scripts", "qwen2_5_vl", "finetune_adsc_lora.sh")
+            else:
+                env["BUDGET"] = f"{self.budget_tokens(fraction):.6f}"
+                script = os.path.join(ROOT, "scripts", "v1_5", "finetune_adsc_lora.sh")
             if c.device == "cpu":
                 env["CUDA_VISIBLE_DEVICES"] = ""
                 env["NUM_GPUS"] = "0"
             log_path = os.path.join(self.run_dir, f"train-{name}.log")
             with open(log_path, "w") as log:
-                done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "v1_5", "finetune_adsc_lora.sh")],
-                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                done = subprocess.run(["bash", script], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             if done.returncode:
                 raise RuntimeError(f"the fine-tune {name} failed (exit {done.returncode}); its log: {log_path}")
             if mode == "lora":
@@ -320,13 +395,38 @@ class Study:
                 "--device", self.config.device, "--num-workers", "0", *setting.flags(),
             ])
             scores = score_digitgrid(os.path.join(self.eval_dir, "digitgrid_answers.jsonl"), answers)
-            with open(answers + ".settings.json") as f:
-                pruning = json.load(f)["pruning"]
-            scores["average_vision_tokens"] = pruning.get("average_vision_tokens")
-            scores["vision_tokens_per_stage"] = pruning.get("vision_tokens_per_stage")
+            if self.qwen:
+                scores.update(self._vision_tokens_of_answers(answers))
+            else:
+                with open(answers + ".settings.json") as f:
+                    pruning = json.load(f)["pruning"]
+                scores["average_vision_tokens"] = pruning.get("average_vision_tokens")
+                scores["vision_tokens_per_stage"] = pruning.get("vision_tokens_per_stage")
             write_json_atomic(scores_path, scores)
         with open(scores_path) as f:
             return json.load(f)
+
+    def _vision_tokens_of_answers(self, answers: str) -> dict:
+        """Over the transcriptions: the mean vision tokens per layer each answer's call ran
+        (``metadata.mean_vision_tokens``), absolute and as a fraction of its image's own tokens."""
+        from PIL import Image
+
+        from llava.eval.io import read_jsonl
+
+        from .qwen import image_tokens
+
+        means, fractions = [], []
+        questions = {q["question_id"]: q for q in read_jsonl(os.path.join(self.eval_dir, "digitgrid_questions.jsonl"))}
+        for record in read_jsonl(answers):
+            question = questions[record["question_id"]]
+            if question["category"] != "transcribe":
+                continue
+            with Image.open(os.path.join(self.eval_dir, "images", question["image"])) as image:
+                tokens = image_tokens(*image.size, self.config.image_sizes)
+            means.append(record["metadata"]["mean_vision_tokens"])
+            fractions.append(means[-1] / tokens)
+        return {"average_vision_tokens": sum(means) / len(means),
+                "average_vision_token_fraction": sum(fractions) / len(fractions)}
 
     def settings(self) -> dict[str, "Setting"]:
         """Everything the tables compare, training what is not trained yet."""
@@ -336,8 +436,8 @@ class Study:
         for label, fraction in BUDGETS:
             if label not in c.budgets:
                 continue
-            schedule = {"prune_layers": list(c.prune_layers), "vision_token_budget": self.budget_tokens(fraction),
-                        "method": "adsc", "selection": "uniform_2d"}
+            schedule = {"prune_layers": list(c.prune_layers), **self.budget(fraction), "method": "adsc",
+                        "selection": "uniform_2d"}
             settings[f"training-free-{label}"] = Setting("ADSC schedule, no fine-tuning", label, full, schedule)
             for seed in self.finetune_seeds():
                 tag = "" if seed == c.seed else f"-seed{seed}"
@@ -382,9 +482,10 @@ class Study:
             start = time.time()
             results[name] = self.evaluate(name, setting)
             self.timings[f"eval/{name}"] = time.time() - start
-        from .report import efficiency, write_report
+        from .report import efficiency, vlm_efficiency, write_report
 
-        cost = efficiency(settings, self.eval_dir, self.config.eval_batch, self.config.device)
+        measure = vlm_efficiency if self.qwen else efficiency
+        cost = measure(settings, self.eval_dir, self.config.eval_batch, self.config.device)
         return write_report(self.run_dir, settings, results, cost, dataclasses.asdict(self.config), self.timings)
 
 
@@ -410,8 +511,11 @@ class Setting:
     def flags(self) -> list[str]:
         if self.schedule is None:
             return []
-        flags = ["--vision-token-budget", f"{self.schedule['vision_token_budget']:.6f}",
-                 "--prune-method", self.schedule.get("method", "adsc")]
+        if "budget_fraction" in self.schedule:
+            flags = ["--budget-fraction", f"{self.schedule['budget_fraction']:.6f}"]
+        else:
+            flags = ["--vision-token-budget", f"{self.schedule['vision_token_budget']:.6f}"]
+        flags += ["--prune-method", self.schedule.get("method", "adsc")]
         if self.schedule["prune_layers"]:
             flags += ["--prune-layers", ",".join(map(str, self.schedule["prune_layers"]))]
         if self.schedule.get("selection"):
@@ -440,6 +544,9 @@ def _merge(lora_dir: str, base: str, out: str) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default=None, help="run folder under playground/runs (default: default / smoke)")
+    parser.add_argument("--arch", default="llava", choices=ARCHITECTURES,
+                        help="llava (LLaVA-1.5, default) or qwen2_5_vl (transformers' Qwen2.5-VL on images of varying "
+                             "size; run folder runs/qwen2_5_vl)")
     parser.add_argument("--smoke", action="store_true", help="a few minutes, for CI")
     parser.add_argument("--ablations", action="store_true",
                         help="add Tables II/III (full FT, standard/direct curricula) and the fine-tuned baselines")
@@ -475,12 +582,11 @@ def main(argv=None) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("device cuda: CUDA is not available on this machine")
     overrides["device"] = device
-    if args.smoke:
-        config = StudyConfig.smoke(**overrides)
-    elif device == "cuda":
-        config = StudyConfig.cuda(**overrides)
-    else:
-        config = StudyConfig(**overrides)
+    arch = overrides.pop("arch", None) or args.arch
+    if args.arch != "llava" and arch != args.arch:
+        parser.error(f"--arch {args.arch} and the config file's arch {arch!r} disagree")
+    preset = "smoke" if args.smoke else "cuda" if device == "cuda" else "default"
+    config = StudyConfig.for_arch(arch, preset, **overrides)
     start = time.time()
     try:
         study = Study(config, args.workdir)

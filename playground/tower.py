@@ -99,11 +99,23 @@ class _Heads(nn.Module):
         self.cell = nn.Linear(hidden, 11)
 
 
-class _Objective:
-    """Labels and losses for one patch geometry."""
+def token_cells(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of the digit cell under the centre of each token of a ``rows x cols``
+    grid of tokens covering the whole image (tokens row-major; any image size)."""
+    cell_row = np.minimum(((np.arange(rows) + 0.5) * GRID / rows).astype(int), GRID - 1)
+    cell_col = np.minimum(((np.arange(cols) + 0.5) * GRID / cols).astype(int), GRID - 1)
+    grid_rows, grid_cols = np.meshgrid(cell_row, cell_col, indexing="ij")
+    return grid_rows.ravel(), grid_cols.ravel()
 
-    def __init__(self, config: CLIPVisionConfig):
-        rows, cols = patch_cells(config.image_size, config.patch_size)
+
+class _Objective:
+    """Labels and losses for one token geometry: ``rows``/``cols`` give each token's cell."""
+
+    @classmethod
+    def for_clip(cls, config: CLIPVisionConfig) -> "_Objective":
+        return cls(*patch_cells(config.image_size, config.patch_size))
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray):
         self.rows, self.cols = torch.as_tensor(rows), torch.as_tensor(cols)
         self.cell_of_patch = self.rows * GRID + self.cols
         pool = torch.nn.functional.one_hot(self.cell_of_patch, GRID * GRID).float()
@@ -171,7 +183,7 @@ def pretrain_tower(out_dir: str, steps: int = 600, batch_size: int = 32, lr: flo
     processor = image_processor(config.image_size)
     tower = CLIPVisionModel(config).to(device)
     heads = _Heads(config.hidden_size).to(device)
-    objective = _Objective(config)
+    objective = _Objective.for_clip(config)
     params = list(tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)

@@ -5,7 +5,9 @@
 # Results: playground/runs/default/results.md.
 # Arguments go to the study, e.g. `bash scripts/quickstart.sh --smoke` (a few minutes),
 # `--seeds 0,1,2` (each ADSC fine-tune with three seeds: mean and range), `--ablations`
-# (adds the training-regime and curriculum tables) or `--device cuda`.
+# (adds the training-regime and curriculum tables) or `--device cuda`; `--arch qwen2_5_vl` runs the
+# same study on a tiny Qwen2.5-VL of transformers' own classes with images of varying size
+# (playground/runs/qwen2_5_vl/results.md; docs/playground.md, "The second architecture").
 # `STACK=lowest bash scripts/quickstart.sh` runs it on the lowest supported transformers.
 # The demo extra comes too: afterwards `.venv/bin/python -m llava.serve.gradio_demo` serves the
 # fine-tuned model beside the full one (docs/demo.md).
