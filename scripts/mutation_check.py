@@ -10,7 +10,7 @@ the file back. A mutation *survives* when its tests all pass: the suite has a ho
 report is a Markdown table; the exit code is 1 when any mutation survives or no longer
 applies (the code changed under it: update its text).
 
-Not part of CI's run (40 bugs, about three minutes on two cores); ``tests/test_mutation_check.py``
+Not part of CI's run (43 bugs, about three minutes on two cores); ``tests/test_mutation_check.py``
 checks on every run that each mutation still applies and names existing tests.
 """
 
@@ -248,6 +248,22 @@ MUTATIONS: tuple[Mutation, ...] = (
              "            schedules = (None,) * len(image.grids)",
              ("tests/llava/test_vlm_entry_points.py::test_the_demos_compare_api_answers_both_sides_as_the_stock_model",),
              "the demo's FLOPs for a pruned reply worked out as if nothing were pruned"),
+    # ---- the playground on Qwen2.5-VL (images of varying size)
+    Mutation("qwen-token-cells-transposed", "playground/tower.py",
+             '    grid_rows, grid_cols = np.meshgrid(cell_row, cell_col, indexing="ij")',
+             '    grid_rows, grid_cols = np.meshgrid(cell_row, cell_col, indexing="xy")',
+             ("tests/playground/test_study_qwen.py::test_tokens_per_image_and_token_cells_by_hand",),
+             "the tower's labels of a non-square token grid laid out column-major"),
+    Mutation("qwen-report-cost-of-one-size", "playground/report.py",
+             "        for width, height in sizes:",
+             "        for width, height in sizes[:1] * len(sizes):",
+             ("tests/playground/test_study_qwen.py::test_the_report_costs_are_what_each_call_ran_and_the_profilers",),
+             "the Qwen report's FLOPs, KV and tokens priced for the first evaluation image's size only"),
+    Mutation("qwen-share-of-a-fixed-size", "playground/study.py",
+             "                tokens = image_tokens(*image.size, self.config.image_sizes)",
+             "                tokens = image_tokens(144, 144, self.config.image_sizes)",
+             ("tests/playground/test_study_qwen.py::test_the_report_costs_are_what_each_call_ran_and_the_profilers",),
+             "each answer's vision tokens taken as a share of a 144 x 144 image's, whatever its size"),
 )
 
 

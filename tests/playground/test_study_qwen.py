@@ -102,6 +102,8 @@ def test_the_report_costs_are_what_each_call_ran_and_the_profilers(qwen_run):
     for name in ("full", "adsc-1of9", "training-free-2of9", "fastv-1of3", "pdrop-1of9"):
         scores = json.loads((run_dir / "answers" / f"{name}.scores.json").read_text())
         assert scores["average_vision_tokens"] == pytest.approx(cost[name]["average_vision_tokens"], abs=1e-3), name
+        assert scores["average_vision_token_fraction"] == pytest.approx(
+            cost[name]["average_vision_token_fraction"], abs=1e-5), name
     shape = load_shape(str(run_dir / "checkpoints" / "full"))
     a = cost["_assumptions"]
     expected = []
