@@ -42,50 +42,57 @@ def _model_and_batch(path: str, eval_dir: str, batch: int, device: str):
     return model, input_ids.to(model.device), mask.to(model.device), pixels, int(mask[0].sum()) - 1
 
 
-def _prefill_ms(prefill, on_cuda: bool, repeats: int = 5) -> float:
-    """Median wall time of ``repeats`` calls of ``prefill()`` (after one warm-up), in milliseconds."""
-    times = []
+def _prefill_ms(prefills: dict, on_cuda: bool, repeats: int = 5, prepare=None) -> dict:
+    """Median wall time in milliseconds of each of ``prefills`` (key -> callable), after one
+    warm-up call of each. The calls are interleaved (every key once per round), so that a
+    machine whose speed drifts during the run slows every key alike and the ratios stay fair.
+    ``prepare(key)``, if given, runs before each call of that key, outside the timing."""
+    times = {key: [] for key in prefills}
     with torch.inference_mode():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            prefill()
-            if on_cuda:
-                torch.cuda.synchronize()
-            if i:
-                times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for round_ in range(repeats + 1):
+            for key, prefill in prefills.items():
+                if prepare is not None:
+                    prepare(key)
+                start = time.perf_counter()
+                prefill()
+                if on_cuda:
+                    torch.cuda.synchronize()
+                if round_:
+                    times[key].append((time.perf_counter() - start) * 1000)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
     """Per setting: analytic FLOPs (prefill + decode of one transcription) and peak KV cache
     (``adsc_patch.profile``), and the measured median prefill time of one batch of
-    transcription prompts; every schedule is timed once, on the same model, in this one run
+    transcription prompts; every schedule is timed on the same model, interleaved, in this one run
     (settings that share a schedule, such as a fine-tune and its training-free twin, share
     the measurement)."""
     model, input_ids, mask, pixels, text_tokens = _model_and_batch(settings["full"].path, eval_dir, batch, device)
     shape = ModelShape.from_config(model.config, model.get_vision_tower().config)
     bytes_per_value = torch.finfo(model.dtype).bits // 8
-    out = {}
-    prefill_ms: dict[tuple, float] = {}
-    for name, setting in settings.items():
+
+    def configure(setting):
         if setting.schedule is not None:
             model.configure_pruning(**setting.schedule)
-        else:  # the checkpoint's own schedule (the same architecture as the full model)
-            from llava.model import LlavaConfig
+            return
+        from llava.model import LlavaConfig  # the checkpoint's own schedule (the same architecture as the full model)
 
-            saved = LlavaConfig.from_pretrained(setting.path)
-            if saved.prune_layers or saved.vision_token_budget is None:
-                model.configure_pruning(prune_layers=saved.prune_layers, drop_ratio=saved.drop_ratio,
-                                        method=saved.prune_method, selection=saved.prune_selection)
-            else:  # a pre-LLM method: its budget
-                model.configure_pruning(prune_layers=[], vision_token_budget=saved.vision_token_budget,
-                                        method=saved.prune_method)
+        saved = LlavaConfig.from_pretrained(setting.path)
+        if saved.prune_layers or saved.vision_token_budget is None:
+            model.configure_pruning(prune_layers=saved.prune_layers, drop_ratio=saved.drop_ratio,
+                                    method=saved.prune_method, selection=saved.prune_selection)
+        else:  # a pre-LLM method: its budget
+            model.configure_pruning(prune_layers=[], vision_token_budget=saved.vision_token_budget,
+                                    method=saved.prune_method)
+
+    out, key_of, setting_of_key = {}, {}, {}
+    for name, setting in settings.items():
+        configure(setting)
         schedule = model.vision_schedule()
-        key = ((model.config.prune_method, model.config.prune_selection, schedule.prune_layers, schedule.stage_tokens)
-               if schedule.enabled else ())
-        if key not in prefill_ms:
-            prefill_ms[key] = _prefill_ms(lambda: model(input_ids=input_ids, attention_mask=mask, images=pixels,
-                                                        use_cache=True, logits_to_keep=1), input_ids.is_cuda)
+        key_of[name] = ((model.config.prune_method, model.config.prune_selection, schedule.prune_layers,
+                         schedule.stage_tokens) if schedule.enabled else ())
+        setting_of_key.setdefault(key_of[name], setting)
         workload = Workload(text_tokens=text_tokens, new_tokens=ANSWER_TOKENS, bytes_per_value=bytes_per_value)
         cost = schedule_cost(shape, model.config.prune_method if schedule.enabled else None, schedule, workload,
                              pre_llm=model.pre_llm_plan())
@@ -96,8 +103,15 @@ def efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> dict:
             "prefill_gflops": cost.prefill_flops / 1e9,
             "vision_gflops": (cost.tower_flops + cost.projector_flops) / 1e9,
             "peak_kv_kb": cost.kv_peak_bytes / 2**10,
-            "prefill_ms": prefill_ms[key],
         }
+
+    def prefill():
+        model(input_ids=input_ids, attention_mask=mask, images=pixels, use_cache=True, logits_to_keep=1)
+
+    prefill_ms = _prefill_ms({key: prefill for key in setting_of_key}, input_ids.is_cuda,
+                             prepare=lambda key: configure(setting_of_key[key]))
+    for name in settings:
+        out[name]["prefill_ms"] = prefill_ms[key_of[name]]
     out["_assumptions"] = {
         "text_tokens": text_tokens, "answer_tokens": ANSWER_TOKENS, "batch_for_timing": int(input_ids.shape[0]),
         "bytes_per_value": bytes_per_value, "device": str(model.device),
@@ -124,7 +138,8 @@ def vlm_efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> di
     """``efficiency`` on a transformers VLM whose images differ in size: FLOPs, KV and vision
     tokens are the mean over the evaluation transcriptions, each image at its own size under
     its own schedule (``adsc_patch.profile.model_cost`` at the row's fraction); the prefill is
-    timed on one batch of transcription prompts (images of mixed size), every spec in one run."""
+    timed on one batch of transcription prompts (images of mixed size), every spec in one run,
+    interleaved."""
     from contextlib import nullcontext
 
     from PIL import Image
@@ -149,16 +164,18 @@ def vlm_efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> di
     vision = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     text_tokens = int(inputs["attention_mask"][0].sum()) - vision
     bytes_per_value = torch.finfo(model.dtype).bits // 8
-    out, prefill_ms, costs = {}, {}, {}
+
+    def prefill_under(spec):
+        def prefill():
+            with pruning(model, spec) if spec.enabled else nullcontext():
+                model(**inputs, use_cache=True, logits_to_keep=1)
+        return prefill
+
+    out, key_of, prefills, costs = {}, {}, {}, {}
     for name, setting in settings.items():
         spec = _vlm_spec(setting)
-        key = repr(spec.to_dict()) if spec.enabled else ""
-        if key not in prefill_ms:
-            def prefill():
-                with pruning(model, spec) if spec.enabled else nullcontext():
-                    model(**inputs, use_cache=True, logits_to_keep=1)
-
-            prefill_ms[key] = _prefill_ms(prefill, model.device.type == "cuda")
+        key = key_of[name] = repr(spec.to_dict()) if spec.enabled else ""
+        prefills.setdefault(key, prefill_under(spec))
         per_image = []
         for width, height in sizes:
             if (key, width, height) not in costs:
@@ -178,8 +195,10 @@ def vlm_efficiency(settings: dict, eval_dir: str, batch: int, device: str) -> di
             "prefill_gflops": statistics.mean(c.prefill_flops for c in per_image) / 1e9,
             "vision_gflops": statistics.mean(c.tower_flops + c.projector_flops for c in per_image) / 1e9,
             "peak_kv_kb": statistics.mean(c.kv_peak_bytes for c in per_image) / 2**10,
-            "prefill_ms": prefill_ms[key],
         }
+    prefill_ms = _prefill_ms(prefills, model.device.type == "cuda")
+    for name in settings:
+        out[name]["prefill_ms"] = prefill_ms[key_of[name]]
     out["_assumptions"] = {
         "text_tokens": text_tokens, "answer_tokens": ANSWER_TOKENS, "batch_for_timing": len(timed),
         "bytes_per_value": bytes_per_value, "device": str(model.device), "images": len(sizes),
@@ -306,8 +325,9 @@ def _efficiency_table(cost: dict, shown: list[str]) -> list[str]:
              if "images" in a else "one image")
     lines += ["", f"FLOPs and KV cache: one prompt of {a['text_tokens']} text tokens and {image}, {a['answer_tokens']} "
               f"answer tokens, {a['bytes_per_value']}-byte values (analytic, `adsc_patch.profile`). Prefill: median of 5 "
-              f"after a warm-up, a batch of {a['batch_for_timing']} prompts on {a['device']}, every schedule in one run "
-              "(settings with the same schedule share it)."]
+              f"after a warm-up, a batch of {a['batch_for_timing']} prompts on {a['device']}, every schedule in one run, "
+              "interleaved (each timed once per round, so that drift in the machine's speed slows all alike; settings "
+              "with the same schedule share a measurement)."]
     return lines
 
 

@@ -15,7 +15,7 @@ run_suite() {  # STACK then pytest arguments; in a subshell so each stack has it
     shift
     . "$HERE/_venv.sh" dev
     echo "[test] stack $STACK: torch $(python -c 'import torch; print(torch.__version__)'), transformers $(python -c 'import transformers; print(transformers.__version__)')"
-    python -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 "$@"
+    python -m pytest -q -p no:cacheprovider --timeout=900 --durations=30 "$@"
   )
 }
 

@@ -233,3 +233,25 @@ def test_the_seeds_flag_is_checked_before_any_work(tmp_path, capsys):
             study.main(["--smoke", "--workdir", str(tmp_path), "--seeds", bad])
         assert "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_prefill_timing_is_interleaved_so_a_slowing_machine_slows_every_schedule_alike(monkeypatch):
+    """Two identical workloads on a machine that gets twice as slow halfway through the run:
+    timed one schedule after the other, the second would look twice as slow; interleaved, both
+    get the same median. ``prepare`` runs before each call, with its key, outside the timing."""
+    from playground import report
+
+    clock, calls, prepared = [0.0], [], []
+
+    def work(key):
+        def run():
+            calls.append(key)
+            clock[0] += 1.0 if len(calls) <= 6 else 2.0  # seconds; the machine slows after 6 calls
+        return run
+
+    monkeypatch.setattr(report.time, "perf_counter", lambda: clock[0])
+    measured = report._prefill_ms({"a": work("a"), "b": work("b")}, on_cuda=False, repeats=5,
+                                  prepare=lambda key: (prepared.append(key), clock.__setitem__(0, clock[0] + 100))[0])
+    assert calls == ["a", "b"] * 6 and prepared == calls
+    # a: calls 1,3,5 at 1 s (1 is the warm-up) and 7,9,11 at 2 s -> median of 1,1,2,2,2; b likewise
+    assert measured == {"a": 2000.0, "b": 2000.0}
